@@ -1,0 +1,1 @@
+"""Where images enter: watched folders and MQTT topics. Both only record images in the durable queue."""
