@@ -1,0 +1,157 @@
+"""Enrolment: a few normal images in, a served memory-bank bundle out.
+
+Copies the backbone into the bundle, builds the memory bank from the normal images, calibrates the
+thresholds on normal images only (the last ``holdout`` images when asked, otherwise leave-one-out
+over the shots), and writes the manifest last, so an interrupted enrolment never leaves a bundle
+that loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from appliance.anomaly.calibrate import Thresholds, calibrate, held_out, leave_one_out
+from appliance.anomaly.features import DEFAULT_LAYERS, FeatureExtractor, PatchFeatures
+from appliance.anomaly.memory import PROMPT_WEIGHT, MemoryBank, ScoringConfig
+from appliance.anomaly.preprocess import DEFAULT_SIZE, PIXEL_MEAN, PIXEL_STD, batch_to_working
+from appliance.anomaly.settings import BUNDLE_KIND, AnomalySettings
+from appliance.bundle import Bundle, write_manifest
+from appliance.taxonomy import Taxonomy
+
+BACKBONE_FILE = "backbone.onnx"
+MEMORY_FILE = "memory.npz"
+MAX_PATCHES = 16384  # per layer; 16 shots at 256x256 fit whole on the stride-8 grid
+BATCH_SIZE = 8
+
+
+class EnrollError(ValueError):
+    """Enrolment cannot go on; the message says which input and what to do."""
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode an image file as uint8 RGB, upright according to its EXIF orientation."""
+    try:
+        with Image.open(path) as image:
+            upright = ImageOps.exif_transpose(image)
+            return np.asarray(upright.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise EnrollError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+        raise EnrollError(f"{path}: not a readable image ({exc}); remove it or re-save it") from exc
+
+
+def extract_all(
+    extractor: FeatureExtractor, images: Sequence[np.ndarray], size: tuple[int, int]
+) -> PatchFeatures:
+    """Features of all images, in backbone batches of ``BATCH_SIZE``."""
+    parts = [
+        extractor(batch_to_working(images[i : i + BATCH_SIZE], size)).layers
+        for i in range(0, len(images), BATCH_SIZE)
+    ]
+    return PatchFeatures({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+
+
+def _check_inputs(normal_images: Sequence[Path], out_dir: Path, holdout: int) -> None:
+    if len(normal_images) < 1:
+        raise EnrollError(
+            "enrolment needs at least 1 normal image (2 or more for a sound threshold)"
+        )
+    if not 0 <= holdout < len(normal_images):
+        raise EnrollError(
+            f"holdout={holdout} with {len(normal_images)} images; keep at least one image in "
+            "the memory (holdout 0 calibrates by leave-one-out instead)"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise EnrollError(f"{out_dir}: not empty; enrol into a new directory")
+
+
+def build_and_calibrate(
+    features: PatchFeatures, names: Sequence[str], config: ScoringConfig, max_patches: int | None
+) -> tuple[MemoryBank, Thresholds]:
+    """Memory of the first ``len(names)`` images; thresholds from the rest, or leave-one-out."""
+    kept = len(names)
+    shots = {name: grid[:kept] for name, grid in features.layers.items()}
+    bank = MemoryBank.from_features(names, shots, max_patches=max_patches)
+    if kept < features.count:
+        held = [features.image(i) for i in range(kept, features.count)]
+        scored, method = held_out(bank, held, config)
+    else:
+        scored, method = leave_one_out(bank, config, max_patches)
+    return bank, calibrate(scored, method)
+
+
+def bundle_settings(
+    bank: MemoryBank, thresholds: Thresholds, config: ScoringConfig, max_patches: int | None
+) -> AnomalySettings:
+    return AnomalySettings(
+        backbone=BACKBONE_FILE,
+        memory=MEMORY_FILE,
+        working_size=(int(config.working_size[0]), int(config.working_size[1])),
+        layers=bank.layers,
+        image_threshold=thresholds.image,
+        pixel_threshold=thresholds.pixel,
+        calibration=thresholds.to_dict()["calibration"],
+        local_radius_px=config.local_radius_px,
+        prompt_weight=config.prompt_weight,
+        sigma=config.sigma,
+        max_patches=max_patches,
+        shots=bank.names,
+    )
+
+
+def preprocessing_section(size: tuple[int, int]) -> dict:
+    return {
+        "color": "RGB",
+        "exif_transpose": True,
+        "resize": "whole image, bilinear (Pillow)",
+        "size_hw": list(size),
+        "mean": PIXEL_MEAN,
+        "std": PIXEL_STD,
+        "layout": "NCHW",
+        "input": "image",
+    }
+
+
+def enroll(
+    normal_images: Sequence[Path],
+    out_dir: Path,
+    *,
+    taxonomy: Taxonomy,
+    backbone_onnx: Path,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    layers: Sequence[str] = DEFAULT_LAYERS,
+    holdout: int = 0,
+    max_patches: int | None = MAX_PATCHES,
+    prompt_weight: float = PROMPT_WEIGHT,
+    providers: Sequence[str] | None = None,
+) -> Bundle:
+    """Build a memory-bank bundle in ``out_dir`` from normal images and return it.
+
+    ``holdout``: how many of the last images calibrate the thresholds without entering the memory;
+    0 (default, best for few shots) calibrates by leave-one-out over the shots instead.
+    """
+    paths = [Path(p) for p in normal_images]
+    out_dir = Path(out_dir)
+    _check_inputs(paths, out_dir, holdout)
+    images = [load_rgb(p) for p in paths]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(backbone_onnx, out_dir / BACKBONE_FILE)
+    extractor = FeatureExtractor(out_dir / BACKBONE_FILE, layers, providers)
+    features = extract_all(extractor, images, tuple(size))
+    kept = len(paths) - holdout
+    names = [p.name for p in paths[:kept]]
+    config = ScoringConfig(working_size=tuple(size), prompt_weight=prompt_weight)
+    bank, thresholds = build_and_calibrate(features, names, config, max_patches)
+    bank.save(out_dir / MEMORY_FILE)
+    settings = bundle_settings(bank, thresholds, config, max_patches)
+    sections = {"anomaly": settings.to_dict(), "preprocessing": preprocessing_section(size)}
+    versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
+    return write_manifest(
+        out_dir, kind=BUNDLE_KIND, taxonomy=taxonomy, sections=sections, versions=versions
+    )

@@ -1,0 +1,215 @@
+"""The memory of normal appearance and how a test image is scored against it.
+
+PatchCore keeps the patch embeddings of normal images and calls a test patch anomalous when it is
+far from every one of them. This bank improves on that with two ideas (seed 002, MSSPMM):
+
+* **Multi-scale.** Each backbone depth keeps its own patches and gives its own distance map. Maps
+  are divided by the layer's spread (root mean squared distance of its normal patches to their mean,
+  so that depths with larger activations do not dominate), upsampled to the working size and
+  averaged.
+* **Self-prompt.** The normal shot that best matches the test image (lowest mean position-aware
+  distance on the coarsest layer) is a prompt of what the image should look like. Each layer's map
+  is ``(1 - w) * global + w * local``: the global nearest-neighbour distance, and the distance to
+  that shot's patches within ``local_radius_px`` of the same place, which catches patches that are
+  normal somewhere but wrong here (a part in the wrong position, a missing feature).
+
+The image score is the maximum of the Gaussian-smoothed (sigma 4 px) map, as anomalib does: the
+smoothing already averages over ~50 pixels, so the maximum is stable, whereas a top-k mean dilutes
+small defects, which are the common case on a production line. The bank saves to ``.npz`` (no
+pickle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appliance.anomaly.distance import (
+    DEFAULT_CHUNK_ELEMENTS,
+    greedy_coreset,
+    local_distance,
+    nn_distance,
+    self_excluded_nn,
+)
+from appliance.anomaly.resample import gaussian_smooth, resize_bilinear
+
+NPZ_FORMAT = 1
+# Weight of the self-prompt term. On magnetic tile (unaligned texture, k = 1..16) 0.25 was neutral to
+# slightly better than 0 and 0.5 slightly worse; aligned parts are where the positional term helps.
+PROMPT_WEIGHT = 0.25
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    working_size: tuple[int, int] = (256, 256)
+    local_radius_px: int = 16
+    prompt_weight: float = PROMPT_WEIGHT
+    sigma: float = 4.0
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    def radius(self, grid_height: int) -> int:
+        """The self-prompt window radius in patches of a grid of this height (at least 1)."""
+        stride = self.working_size[0] / grid_height
+        return max(1, round(self.local_radius_px / stride))
+
+
+@dataclass(frozen=True)
+class Scored:
+    heatmap: np.ndarray  # (H, W) float32 at the working size, smoothed
+    score: float
+    nearest: int  # index of the best-matching normal shot
+
+
+def layer_spread(shots: np.ndarray) -> float:
+    """Root mean squared distance of the (S, h, w, C) patches to their mean (never zero)."""
+    flat = shots.reshape(-1, shots.shape[-1]).astype(np.float64)
+    spread = float(np.sqrt(np.mean(np.sum((flat - flat.mean(axis=0)) ** 2, axis=1))))
+    return spread if spread > 1e-12 else 1.0
+
+
+def fuse_maps(maps: Sequence[np.ndarray], size: tuple[int, int], sigma: float) -> np.ndarray:
+    """Average per-layer distance maps upsampled (bilinear) to ``size``, then Gaussian-smooth."""
+    fused = np.mean([resize_bilinear(m, size) for m in maps], axis=0)
+    return gaussian_smooth(fused, sigma)
+
+
+class MemoryBank:
+    """Per-layer pooled patches of the normal shots, plus the (optionally coreset) search bank."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        shots: dict[str, np.ndarray],
+        scales: dict[str, float],
+        indices: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.names = tuple(names)
+        self.shots = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in shots.items()}
+        self.layers = tuple(self.shots)
+        self.scales = {k: float(scales[k]) for k in self.layers}
+        self.indices = dict(indices or {})
+        for layer, grid in self.shots.items():
+            if grid.ndim != 4 or grid.shape[0] != len(self.names):
+                raise ValueError(
+                    f"layer {layer}: expected ({len(self.names)}, h, w, C), got {grid.shape}"
+                )
+        self._banks = {layer: self._flat_bank(layer) for layer in self.layers}
+
+    def _flat_bank(self, layer: str) -> np.ndarray:
+        flat = self.shots[layer].reshape(-1, self.shots[layer].shape[-1])
+        return flat[self.indices[layer]] if layer in self.indices else flat
+
+    @classmethod
+    def from_features(
+        cls,
+        names: Sequence[str],
+        shots: dict[str, np.ndarray],
+        *,
+        max_patches: int | None = None,
+        scales: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> MemoryBank:
+        """Build from (S, h, w, C) grids per layer, finest first; coreset above ``max_patches``."""
+        if not names:
+            raise ValueError("a memory bank needs at least one normal image")
+        scales = scales or {layer: layer_spread(grid) for layer, grid in shots.items()}
+        indices = {}
+        for layer, grid in shots.items():
+            flat = grid.reshape(-1, grid.shape[-1])
+            if max_patches is not None and flat.shape[0] > max_patches:
+                indices[layer] = np.sort(greedy_coreset(flat, max_patches, seed=seed))
+        return cls(names, shots, scales, indices)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def bank(self, layer: str) -> np.ndarray:
+        return self._banks[layer]
+
+    def without(self, index: int, *, max_patches: int | None = None) -> MemoryBank:
+        """The bank of every shot but ``index`` (same layer scales), for leave-one-out."""
+        keep = [i for i in range(len(self)) if i != index]
+        shots = {layer: grid[keep] for layer, grid in self.shots.items()}
+        names = [self.names[i] for i in keep]
+        return MemoryBank.from_features(names, shots, max_patches=max_patches, scales=self.scales)
+
+    def _check(self, grids: dict[str, np.ndarray]) -> None:
+        for layer in self.layers:
+            if layer not in grids:
+                raise ValueError(
+                    f"features lack layer {layer!r}; the bank was built on {self.layers}"
+                )
+            if grids[layer].shape != self.shots[layer].shape[1:]:
+                raise ValueError(
+                    f"layer {layer}: test grid {grids[layer].shape} differs from the "
+                    f"bank's {self.shots[layer].shape[1:]}; use the enrolled working size"
+                )
+
+    def nearest_shot(self, grids: dict[str, np.ndarray], config: ScoringConfig) -> int:
+        """The self-prompt: the shot with the lowest mean local distance on the coarsest layer."""
+        coarse = self.layers[-1]
+        grid = grids[coarse]
+        distances = local_distance(grid, self.shots[coarse], config.radius(grid.shape[0]))
+        return int(np.argmin(distances.mean(axis=(1, 2))))
+
+    def layer_map(
+        self, layer: str, grid: np.ndarray, nearest: int, config: ScoringConfig
+    ) -> np.ndarray:
+        """One layer's (h, w) normalised distance map, global and self-prompt terms combined."""
+        h, w, c = grid.shape
+        global_map = nn_distance(grid.reshape(-1, c), self._banks[layer], config.chunk_elements)
+        combined = global_map.reshape(h, w)
+        if config.prompt_weight > 0:
+            prompt = self.shots[layer][nearest : nearest + 1]
+            local = local_distance(grid, prompt, config.radius(h))[0]
+            combined = (1.0 - config.prompt_weight) * combined + config.prompt_weight * local
+        return combined / self.scales[layer]
+
+    def score(self, grids: dict[str, np.ndarray], config: ScoringConfig) -> Scored:
+        """Heatmap, image score and self-prompt of one image's (h, w, C) grids per layer."""
+        self._check(grids)
+        nearest = self.nearest_shot(grids, config)
+        maps = [self.layer_map(layer, grids[layer], nearest, config) for layer in self.layers]
+        heatmap = fuse_maps(maps, config.working_size, config.sigma)
+        return Scored(heatmap, float(heatmap.max()), nearest)
+
+    def self_score(self, index: int, config: ScoringConfig) -> Scored:
+        """Score shot ``index`` against its own patches away from each position (one shot only)."""
+        maps = []
+        for layer in self.layers:
+            grid = self.shots[layer][index]
+            # The window must leave some patch outside it, even on a small grid.
+            radius = min(config.radius(grid.shape[0]), (max(grid.shape[:2]) - 2) // 2)
+            maps.append(self_excluded_nn(grid, max(radius, 0)) / self.scales[layer])
+        heatmap = fuse_maps(maps, config.working_size, config.sigma)
+        return Scored(heatmap, float(heatmap.max()), index)
+
+    def save(self, path: Path) -> None:
+        arrays = {
+            "format": np.array(NPZ_FORMAT),
+            "names": np.array(self.names, dtype=np.str_),
+            "layers": np.array(self.layers, dtype=np.str_),
+            "scales": np.array([self.scales[k] for k in self.layers], dtype=np.float64),
+        }
+        arrays.update({f"shots_{k}": v for k, v in self.shots.items()})
+        arrays.update({f"index_{k}": v for k, v in self.indices.items()})
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> MemoryBank:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["format"]) != NPZ_FORMAT:
+                raise ValueError(
+                    f"{path}: memory format {int(data['format'])}, "
+                    f"this appliance reads {NPZ_FORMAT}; re-enrol"
+                )
+            layers = [str(k) for k in data["layers"]]
+            shots = {k: data[f"shots_{k}"] for k in layers}
+            indices = {k: data[f"index_{k}"] for k in layers if f"index_{k}" in data.files}
+            scales = dict(zip(layers, data["scales"].tolist(), strict=True))
+            names = [str(n) for n in data["names"]]
+        return cls(names, shots, scales, indices)

@@ -1,0 +1,94 @@
+"""The ``anomaly`` section of a memory-bank bundle's manifest, read strictly.
+
+Enrolment writes it and the detector reads it, so the runtime never guesses the working size, the
+layers, the scoring parameters or the thresholds. Unknown or missing keys are errors that name the
+key and say what to do, rather than defaults that would silently score differently from enrolment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from appliance.anomaly.memory import PROMPT_WEIGHT, ScoringConfig
+from appliance.bundle import BundleError
+
+BUNDLE_KIND = "memory-bank"
+
+
+@dataclass(frozen=True)
+class AnomalySettings:
+    backbone: str
+    memory: str
+    working_size: tuple[int, int]  # (height, width)
+    layers: tuple[str, ...]
+    image_threshold: float
+    pixel_threshold: float
+    calibration: dict
+    local_radius_px: int = 16
+    prompt_weight: float = PROMPT_WEIGHT
+    sigma: float = 4.0
+    min_region_area: int = 16
+    max_regions: int = 5
+    max_patches: int | None = None
+    shots: tuple[str, ...] = ()
+
+    def scoring(self) -> ScoringConfig:
+        return ScoringConfig(
+            working_size=self.working_size,
+            local_radius_px=self.local_radius_px,
+            prompt_weight=self.prompt_weight,
+            sigma=self.sigma,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["working_size"] = list(self.working_size)
+        data["layers"] = list(self.layers)
+        data["shots"] = list(self.shots)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AnomalySettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BundleError(
+                f"anomaly.{unknown[0]}: unknown key; allowed keys are {sorted(known)}"
+            )
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        for name in required:
+            if name not in data:
+                raise BundleError(
+                    f"anomaly.{name}: missing; re-enrol the bundle with `appliance enroll`"
+                )
+        values = dict(data)
+        values["working_size"] = _size(values["working_size"])
+        values["layers"] = tuple(str(v) for v in values["layers"])
+        values["shots"] = tuple(str(v) for v in values.get("shots", ()))
+        settings = cls(**values)
+        _check_ranges(settings)
+        return settings
+
+
+def _size(value) -> tuple[int, int]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and v >= 32 for v in value)
+    ):
+        raise BundleError(
+            f"anomaly.working_size: {value!r}; expected [height, width], integers >= 32"
+        )
+    return int(value[0]), int(value[1])
+
+
+def _check_ranges(settings: AnomalySettings) -> None:
+    if not settings.layers:
+        raise BundleError("anomaly.layers: empty; expected backbone outputs such as ['s8', 's16']")
+    if not 0.0 <= settings.prompt_weight <= 1.0:
+        raise BundleError(f"anomaly.prompt_weight: {settings.prompt_weight!r}; expected 0 to 1")
+    for name in ("image_threshold", "pixel_threshold"):
+        if not getattr(settings, name) >= 0:
+            raise BundleError(
+                f"anomaly.{name}: {getattr(settings, name)!r}; expected a number >= 0"
+            )

@@ -1,0 +1,143 @@
+"""The daemon: wires sources, the durable queue, the inspector, the outbox and MQTT together.
+
+Threads: one per watched folder (watchdog + rescan), paho's network thread (MQTT images in, PUBACKs),
+the publisher thread (backlog → broker), and the main thread, which inspects queued images in batches
+and pings systemd's watchdog. SIGTERM/SIGINT finish the batch in hand, then stop cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from appliance.backends.onnxrt import resolve_providers
+from appliance.bundle import load_bundle
+from appliance.config import Config
+from appliance.inspector import Inspector
+from appliance.mqtt import MqttLink
+from appliance.outbox import Inbox, Outbox, Quarantine
+from appliance.pipeline import Pipeline
+from appliance.sdnotify import notify, watchdog_interval_s
+from appliance.sources.folder import FolderWatcher
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def state_paths(config: Config) -> dict[str, Path]:
+    root = Path(config.state.dir)
+    return {
+        "db": root / "appliance.sqlite3",
+        "inbox": root / "inbox",
+        "quarantine": root / "quarantine",
+        "cache": root / "cache",
+    }
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        paths = state_paths(config)
+        self.store = Store(paths["db"])
+        self.inbox = Inbox(paths["inbox"])
+        self.bundle = load_bundle(config.model.bundle)
+        log.info(
+            "serving bundle %s (%s) from %s", self.bundle.id, self.bundle.kind, self.bundle.path
+        )
+        self.inspector = Inspector(
+            self.bundle,
+            taxonomy=config.taxonomy_obj,
+            providers=resolve_providers(config.model.providers, cache_dir=paths["cache"]),
+            narrative=config.model.narrative,
+            narrative_gguf=config.model.narrative_gguf,
+            n_threads=config.model.n_threads,
+            n_gpu_layers=config.model.n_gpu_layers,
+            heatmaps=config.outbox.heatmaps,
+        )
+        mqtt_source = config.sources.mqtt
+        self.pipeline = Pipeline(
+            store=self.store,
+            inspector=self.inspector,
+            taxonomy=config.taxonomy_obj,
+            outbox=Outbox(config.outbox.dir),
+            quarantine=Quarantine(paths["quarantine"]),
+            topic_prefix=config.mqtt.topic_prefix,
+            dedupe=config.ingest.dedupe,
+            max_file_bytes=config.ingest.max_file_bytes,
+            max_image_pixels=config.ingest.max_image_pixels,
+            max_payload_bytes=mqtt_source.max_payload_bytes if mqtt_source else 32 << 20,
+        )
+        self.watchers = [
+            FolderWatcher(f, self.store, on_enqueued=self.wake.set) for f in config.sources.folder
+        ]
+        self.link = None
+        if config.mqtt.enabled:
+            self.link = MqttLink(
+                config.mqtt,
+                self.store,
+                image_topics=mqtt_source.topics if mqtt_source else [],
+                on_image=self._on_mqtt_image,
+            )
+
+    def _on_mqtt_image(self, topic: str, payload: bytes) -> None:
+        """Persist first, then queue; the caller acknowledges the broker after we return."""
+        sha = hashlib.sha256(payload).hexdigest()
+        fingerprint = f"mqtt:{sha}" if self.config.ingest.dedupe else f"mqtt:{sha}:{time.time_ns()}"
+        if self.store.known(fingerprint):
+            return
+        path = self.inbox.store(fingerprint.replace(":", "-")[5:], payload)
+        source = self.config.sources.mqtt
+        self.store.enqueue(
+            fingerprint=fingerprint,
+            source_kind="mqtt",
+            line=source.line,
+            camera=source.camera,
+            topic=topic,
+            path=str(path),
+        )
+        self.wake.set()
+
+    def start(self) -> None:
+        if self.link:
+            self.link.start()
+        for watcher in self.watchers:
+            watcher.start()
+        notify("READY=1\nSTATUS=inspecting")
+        log.info(
+            "appliance ready: %d folder source(s), MQTT %s",
+            len(self.watchers),
+            "on" if self.link else "off",
+        )
+
+    def stop(self) -> None:
+        notify("STOPPING=1")
+        for watcher in self.watchers:
+            watcher.stop()
+        if self.link:
+            self.link.stop()
+        self.inspector.close()
+        self.store.close()
+
+    def run_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: (self.stop_event.set(), self.wake.set()))
+        self.start()
+        ping_every = watchdog_interval_s()
+        last_ping = 0.0
+        batch = self.config.ingest.batch_size
+        try:
+            while not self.stop_event.is_set():
+                if ping_every and time.monotonic() - last_ping >= ping_every:
+                    notify("WATCHDOG=1")
+                    last_ping = time.monotonic()
+                if self.pipeline.run_once(batch) == 0:
+                    self.wake.wait(0.5)
+                    self.wake.clear()
+        finally:
+            self.stop()
