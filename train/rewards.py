@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 
 from appliance.taxonomy import Taxonomy
+from train.data.boxes import iou
 from train.targets import ANSWER_RE, answer_text, is_box, parse_target, target_validator
 
 IOU_THRESHOLD = 0.5
@@ -106,15 +107,6 @@ def count_reward(completions: list, **kwargs) -> list[float]:
         n_pred, n_gt = len(predicted), len(gt)
         rewards.append(1.0 - abs(n_pred - n_gt) / max(n_pred, n_gt, 1))
     return rewards
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (0 when either is empty)."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0) * max(height, 0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if inter > 0 and union > 0 else 0.0
 
 
 def match_defects(predicted: list, truth: list[dict]) -> list[tuple[int, int]]:
