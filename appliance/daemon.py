@@ -72,6 +72,7 @@ class Daemon:
             max_file_bytes=config.ingest.max_file_bytes,
             max_image_pixels=config.ingest.max_image_pixels,
             max_payload_bytes=mqtt_source.max_payload_bytes if mqtt_source else 32 << 20,
+            on_report=self._report_ready,
         )
         self.watchers = [
             FolderWatcher(f, self.store, on_enqueued=self.wake.set) for f in config.sources.folder
@@ -84,6 +85,10 @@ class Daemon:
                 image_topics=mqtt_source.topics if mqtt_source else [],
                 on_image=self._on_mqtt_image,
             )
+
+    def _report_ready(self) -> None:
+        if self.link is not None:
+            self.link.wake()
 
     def _on_mqtt_image(self, topic: str, payload: bytes) -> None:
         """Persist first, then queue; the caller acknowledges the broker after we return."""

@@ -35,6 +35,9 @@ def report_topic(prefix: str, line: str, camera: str) -> str:
 
 
 MessageHandler = Callable[[str, bytes], None]
+# Sentinels on the ack queue (real message ids are 1..65535).
+_FORGET_INFLIGHT = -1  # the connection dropped: in-flight reports go back to the backlog
+_WAKE = -2  # a report was added to the backlog
 
 
 class MqttLink:
@@ -110,6 +113,10 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def wake(self) -> None:
+        """A new report is in the backlog: publish it now rather than at the next poll."""
+        self._acks.put(_WAKE)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -134,7 +141,7 @@ class MqttLink:
         if self._connected.is_set():
             log.warning("MQTT disconnected (%s); reports wait in the backlog", reason_code)
         self._connected.clear()
-        self._acks.put(-1)  # tells the publisher to forget in-flight mids
+        self._acks.put(_FORGET_INFLIGHT)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acks.put(mid)
@@ -207,7 +214,9 @@ class MqttLink:
             self._handle_ack(mid)
 
     def _handle_ack(self, mid: int) -> None:
-        if mid == -1:
+        if mid == _WAKE:
+            return
+        if mid == _FORGET_INFLIGHT:
             self._inflight.clear()
             return
         seq = self._inflight.pop(mid, None)

@@ -61,6 +61,7 @@ class Pipeline:
         max_file_bytes: int = 64 << 20,
         max_image_pixels: int = 80_000_000,
         max_payload_bytes: int = 32 << 20,
+        on_report=None,
     ):
         self.store = store
         self.inspector = inspector
@@ -72,6 +73,7 @@ class Pipeline:
         self.max_file_bytes = max_file_bytes
         self.max_image_pixels = max_image_pixels
         self.max_payload_bytes = max_payload_bytes
+        self.on_report = on_report or (lambda: None)
 
     def run_once(self, batch_size: int) -> int:
         """Process up to ``batch_size`` queued images; returns how many were taken."""
@@ -290,6 +292,7 @@ class Pipeline:
             file=str(path),
             topic=topic,
         )
+        self.on_report()
         if not quarantined:
             self._drop_inbox(entry)
 

@@ -1,0 +1,1 @@
+"""Runtime backends, one file each: llama.cpp (narrative), ONNX Runtime / TensorRT (vision)."""
