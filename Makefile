@@ -3,20 +3,30 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+HASH := $(shell sha256sum pyproject.toml | cut -c1-12)
+RUNTIME := $(VENV)/.runtime-$(HASH)
+DEV := $(VENV)/.dev-$(HASH)
 # Portable llama.cpp build (the default -march=native only runs on the CPU type that built it).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: setup demo test lint mosquitto bench clean
+.PHONY: setup setup-dev demo test lint mosquitto bench clean
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	@rm -f $(VENV)/.installed-*
+
+# The daemon's own dependencies (no torch): enough for `make demo`.
+$(RUNTIME): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
 	@touch $@
 
-setup: $(STAMP)
+# Plus the test tools, and torch/timm to prove the torch-free backbone equals timm's.
+$(DEV): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@ $(RUNTIME)
+
+setup: $(RUNTIME)
+setup-dev: $(DEV)
 
 mosquitto:
 	@bash .ci/ensure-mosquitto
@@ -24,15 +34,18 @@ mosquitto:
 demo: setup mosquitto
 	$(PY) -m appliance demo --workspace $(CURDIR)/demo-workspace
 
-lint: setup
+lint: setup-dev
 	$(PY) -m ruff check appliance export train tests bench
 	$(PY) -m ruff format --check appliance export train tests bench
 
-test: setup mosquitto lint
+test: setup-dev mosquitto lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: setup
-	$(PY) bench/run_all.py
+bench: setup-dev
+	$(PY) -m bench.backbone_parity
+	$(PY) -m bench.narrative_speed
+	$(PY) -m bench.daemon_throughput
+	$(PY) -m bench.memory_growth
 
 clean:
 	rm -rf demo-workspace .pytest_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,8 @@ def _report_files(workspace: Path) -> list[Path]:
 
 def run_demo(workspace: Path | None, *, count: int = 6, timeout: float = 240.0) -> int:
     workspace = Path(workspace or tempfile.mkdtemp(prefix="appliance-demo-")).resolve()
+    for stale in ("incoming", "reports", "state", "mosquitto"):  # a rerun starts afresh
+        shutil.rmtree(workspace / stale, ignore_errors=True)
     (workspace / "incoming").mkdir(parents=True, exist_ok=True)
     broker = None
     if find_mosquitto():
