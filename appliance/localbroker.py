@@ -1,13 +1,11 @@
 """A local Mosquitto broker on a free loopback port, for the demo and the tests.
 
-Real broker, real sockets: the tests stop and restart it to prove that nothing is lost. As root,
-Mosquitto drops to its own user, so its data directory is handed to that user.
+Real broker, real sockets: the tests stop and restart it to prove that nothing is lost.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -28,13 +26,14 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, *, extra: list[str] | None = None):
         binary = find_mosquitto()
         if binary is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
         self.binary = binary
         self.workdir = Path(workdir)
         self.port = port or free_port()
+        self.extra = list(extra or [])  # listener options, e.g. TLS files or a password file
         self.process: subprocess.Popen | None = None
 
     def _write_config(self) -> Path:
@@ -43,7 +42,7 @@ class LocalBroker:
         conf = self.workdir / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *(self.extra or ["allow_anonymous true"]),
             "persistence true",
             f"persistence_location {data}/",
             "autosave_interval 1",
@@ -53,14 +52,10 @@ class LocalBroker:
             f"log_dest file {self.workdir / 'mosquitto.log'}",
         ]
         if os.geteuid() == 0:
-            try:
-                entry = pwd.getpwnam("mosquitto")
-                for path in (self.workdir, data):
-                    os.chown(path, entry.pw_uid, entry.pw_gid)
-                (self.workdir / "mosquitto.log").touch()
-                os.chown(self.workdir / "mosquitto.log", entry.pw_uid, entry.pw_gid)
-            except KeyError:
-                lines.append("user root")
+            # Mosquitto would drop to its own user, who cannot enter a root-only temporary
+            # directory (pytest's, for one) to read its files or write its database. This broker
+            # is a loopback-only helper for the demo and tests, so it keeps the caller's user.
+            lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
