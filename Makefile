@@ -35,8 +35,8 @@ demo: setup mosquitto
 	$(PY) -m appliance demo --workspace $(CURDIR)/demo-workspace
 
 lint: setup-dev
-	$(PY) -m ruff check appliance export train tests bench
-	$(PY) -m ruff format --check appliance export train tests bench
+	$(PY) -m ruff check appliance export train tests bench examples
+	$(PY) -m ruff format --check appliance export train tests bench examples
 
 test: setup-dev mosquitto lint
 	$(PY) -m pytest -q -p no:cacheprovider

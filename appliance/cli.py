@@ -1,4 +1,4 @@
-"""The ``appliance`` command: run, inspect, enroll, schema, check-config, status, demo."""
+"""The ``appliance`` command: run, inspect, enroll, schema, check-config, status, train, demo."""
 
 from __future__ import annotations
 
@@ -169,6 +169,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    try:
+        from train.checkpoint import CheckpointError
+        from train.cli import run_train
+        from train.data import DataError
+    except ImportError as exc:
+        print(
+            f"`appliance train` needs the train extra ({exc.name} is missing): "
+            "pip install 'inspection-appliance[train]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        run_train(args.stage, args.recipe, args.out, args.from_ckpt)
+    except (CheckpointError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args) -> int:
     from appliance.demo import run_demo
 
@@ -205,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--recent", type=int, default=10)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("train", help="fine-tune an inspector (needs the train extra)")
+    p.add_argument("--stage", required=True, choices=["detect", "knowledge"])
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed if unfinished)")
+    p.add_argument("--from", dest="from_ckpt", help="checkpoint of the previous stage")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="enroll, run the daemon, drop sample images, show reports")
     p.add_argument("--workspace")
     p.add_argument("--count", type=int, default=6)

