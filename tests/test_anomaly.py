@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ from appliance.anomaly.distance import (
     self_excluded_nn,
 )
 from appliance.anomaly.features import FeatureExtractor, fuse
+from appliance.anomaly.geometry import cell_offsets
 from appliance.anomaly.preprocess import box_to_original, to_working
 from appliance.anomaly.regions import find_regions, region_score
 from appliance.anomaly.resample import avg_pool3x3, bilinear_matrix, resize_bilinear
+from appliance.anomaly.settings import AnomalySettings
 from appliance.bundle import BundleError, load_bundle, write_manifest
 from appliance.taxonomy import Taxonomy
 
@@ -179,6 +182,58 @@ def test_bilinear_matches_align_corners_false():
     np.testing.assert_allclose(resize_bilinear(grid, (8, 9)), 7.0, rtol=1e-6)
 
 
+def test_resize_offset_shifts_the_map_by_that_many_pixels():
+    grid = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    plain = resize_bilinear(grid, (16, 16))
+    shifted = resize_bilinear(grid, (16, 16), offset=(4.0, 2.0))
+    np.testing.assert_allclose(shifted[4:, 2:], plain[:-4, :-2], atol=1e-6)
+    np.testing.assert_allclose(shifted[0], shifted[1])  # the edge is replicated
+
+
+def same_upper_net(path: Path, plan) -> Path:
+    """A chain of Conv nodes (kernel, stride, auto_pad or explicit pads) emitting ``s{n}`` outputs."""
+    nodes, inits, current, stride, outputs = [], [], "image", 1, []
+    for i, (kernel, step, pads) in enumerate(plan):
+        weight = np.ones((1, 1 if i else 3, kernel, kernel), np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        stride *= step
+        out = f"s{stride}" if step > 1 else f"t{i}"
+        options = {"auto_pad": pads} if isinstance(pads, str) else {"pads": pads}
+        nodes.append(
+            helper.make_node("Conv", [current, f"w{i}"], [out], strides=[step, step], **options)
+        )
+        relu = f"r{i}"
+        nodes.append(helper.make_node("Relu", [out], [relu]))
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+        current = relu
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    graph = helper.make_graph(nodes, "net", [image], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_cell_offsets_of_tf_same_padding(tmp_path):
+    # 3x3 stride 2 SAME_UPPER on an even axis pads only after: cell i centred on pixel 2i + 1.5,
+    # 0.5 px after (i + 0.5) * 2; twice: 4i + 3.5 vs 4i + 2, so 1.5 px; a 5x5 stride-1 SAME adds 0.
+    net = same_upper_net(
+        tmp_path / "same.onnx", [(3, 2, "SAME_UPPER"), (3, 2, "SAME_UPPER"), (5, 1, "SAME_UPPER")]
+    )
+    offsets = cell_offsets(net, ["s2", "s4", "t2"], (32, 48))
+    assert offsets == {"s2": (0.5, 0.5), "s4": (1.5, 1.5), "t2": (1.5, 1.5)}
+    # Symmetric 3x3 pads 1 (PyTorch style) put cell i on 2i + 0.5: 0.5 px before the assumption.
+    sym = same_upper_net(tmp_path / "sym.onnx", [(3, 2, [1, 1, 1, 1])])
+    assert cell_offsets(sym, ["s2"], (32, 32)) == {"s2": (-0.5, -0.5)}
+    with pytest.raises(ValueError, match="cannot trace"):
+        cell_offsets(net, ["s64"], (32, 32))
+
+
+def test_cell_offsets_of_the_tiny_backbone_are_zero(backbone):
+    # 4x4 kernels, stride 2, padding 1: exactly the align_corners=False geometry.
+    assert cell_offsets(backbone, ["s8", "s16"], WORKING) == {"s8": (0.0, 0.0), "s16": (0.0, 0.0)}
+
+
 def test_avg_pool_counts_zero_padding_like_patchcore():
     pooled = avg_pool3x3(np.ones((1, 3, 3, 1), np.float32))[0, :, :, 0]
     assert pooled[1, 1] == pytest.approx(1.0)
@@ -268,6 +323,38 @@ def test_score_of_a_shot_in_the_bank_is_near_zero_and_grows_with_change():
     assert 14 <= y <= 26 and 14 <= x <= 26  # grid cell (2, 2) of 6 covers pixels 16..24
 
 
+def test_cell_offsets_move_the_heatmap_peak_down_right():
+    bank = bank_of([1, 2])
+    changed = grids(1)
+    changed["s8"][2, 2] += 10.0
+    plain = ScoringConfig(working_size=(48, 48), prompt_weight=0.0, sigma=0)
+    shifted = replace(plain, cell_offsets={"s8": (8.0, 8.0), "s16": (8.0, 8.0)})
+    peak = np.unravel_index(np.argmax(bank.score(changed, plain).heatmap), (48, 48))
+    moved = np.unravel_index(np.argmax(bank.score(changed, shifted).heatmap), (48, 48))
+    assert (moved[0] - peak[0], moved[1] - peak[1]) == (8, 8)
+    assert shifted.offsets(["s8", "s4"]) == [(8.0, 8.0), (0.0, 0.0)]
+
+
+def test_settings_read_cell_offsets_strictly():
+    base = {
+        "backbone": "b.onnx",
+        "memory": "m.npz",
+        "working_size": [64, 64],
+        "layers": ["s8", "s16"],
+        "image_threshold": 1.0,
+        "pixel_threshold": 0.5,
+        "calibration": {},
+    }
+    assert AnomalySettings.from_dict(base).scoring().cell_offsets == {}  # older bundles
+    settings = AnomalySettings.from_dict({**base, "cell_offsets": {"s8": [3.5, 3.5]}})
+    assert settings.scoring().cell_offsets == {"s8": (3.5, 3.5)}
+    assert settings.to_dict()["cell_offsets"] == {"s8": [3.5, 3.5]}
+    with pytest.raises(BundleError, match="cell_offsets"):
+        AnomalySettings.from_dict({**base, "cell_offsets": {"s4": [1, 1]}})
+    with pytest.raises(BundleError, match=r"cell_offsets\.s8"):
+        AnomalySettings.from_dict({**base, "cell_offsets": {"s8": [1]}})
+
+
 def test_save_load_round_trip_keeps_scores(tmp_path):
     bank = bank_of([1, 2, 3], max_patches=50)
     assert bank.bank("s8").shape[0] == 50 and bank.bank("s16").shape[0] == 27
@@ -355,6 +442,7 @@ def test_manifest_records_thresholds_and_preprocessing(bundle_dir):
         "memory.npz",
     }
     assert manifest["preprocessing"]["size_hw"] == list(WORKING)
+    assert section["cell_offsets"] == {}  # off by default (CORRECT_OFFSETS)
 
 
 def test_one_shot_enrolment_detects_the_defect(tmp_path, backbone):
@@ -365,6 +453,27 @@ def test_one_shot_enrolment_detects_the_defect(tmp_path, backbone):
     assert bundle.section("anomaly")["calibration"]["method"] == "self-excluded"
     result = AnomalyDetector(load_bundle(tmp_path / "b")).detect(with_defect(texture(seed=7)))
     assert result.is_anomalous and result.nearest_normal == "only.png"
+
+
+def test_enrolment_with_offset_correction_records_the_offsets(tmp_path):
+    net = same_upper_net(
+        tmp_path / "same.onnx", [(4, 2, [1, 1, 1, 1])] + [(3, 2, "SAME_UPPER")] * 3
+    )
+    paths = [save_png(texture(seed=s), tmp_path / f"{s}.png") for s in range(2)]
+    bundle = enroll(
+        paths,
+        tmp_path / "b",
+        taxonomy=Taxonomy(labels=()),
+        backbone_onnx=net,
+        size=WORKING,
+        layers=("s8", "s16"),
+        correct_offsets=True,
+    )
+    # Centres: 2i + 1 after the symmetric conv (no offset), then 2c + 1 per SAME_UPPER conv in the
+    # previous cells c: 8i + 7 at s8 (assumed 8i + 4), 16i + 15 at s16 (assumed 16i + 8).
+    assert bundle.section("anomaly")["cell_offsets"] == {"s8": [3.0, 3.0], "s16": [7.0, 7.0]}
+    detector = AnomalyDetector(load_bundle(tmp_path / "b"))
+    assert detector.scoring.cell_offsets == {"s8": (3.0, 3.0), "s16": (7.0, 7.0)}
 
 
 def test_holdout_calibration(tmp_path, backbone):

@@ -1,7 +1,8 @@
 """Few-shot anomaly detection: the embedded default bundle's detector (numpy + ONNX Runtime only).
 
 Data flows ``preprocess`` -> ``features`` (ONNX backbone, pooled multi-scale patches) -> ``memory``
-(nearest-normal distances with a self-prompt, via ``distance``) -> ``calibrate`` (thresholds from
+(nearest-normal distances with a self-prompt, via ``distance``; heatmaps placed where
+``geometry`` says the backbone's cells sit) -> ``calibrate`` (thresholds from
 normal images) -> ``regions`` (boxes in original pixels). ``enroll`` builds a bundle from normal
 images; ``detector`` serves one; ``render`` draws the heatmap PNG for reports.
 """

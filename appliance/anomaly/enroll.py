@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from appliance.anomaly.calibrate import Thresholds, calibrate, held_out, leave_one_out
 from appliance.anomaly.features import DEFAULT_LAYERS, FeatureExtractor, PatchFeatures
+from appliance.anomaly.geometry import cell_offsets
 from appliance.anomaly.memory import PROMPT_WEIGHT, MemoryBank, ScoringConfig
 from appliance.anomaly.preprocess import DEFAULT_SIZE, PIXEL_MEAN, PIXEL_STD, batch_to_working
 from appliance.anomaly.settings import BUNDLE_KIND, AnomalySettings
@@ -28,6 +29,10 @@ BACKBONE_FILE = "backbone.onnx"
 MEMORY_FILE = "memory.npz"
 MAX_PATCHES = 16384  # per layer; 16 shots at 256x256 fit whole on the stride-8 grid
 BATCH_SIZE = 8
+# Shift heatmaps by the backbone's theoretical cell offsets (``geometry``)? Off: on Magnetic tile
+# (docs/benchmarks.md) it lowered pixel AUROC, and a probe of the real backbone finds its s8
+# responses centred where align_corners=False assumes, not 3.5 px down-right.
+CORRECT_OFFSETS = False
 
 
 class EnrollError(ValueError):
@@ -86,6 +91,18 @@ def build_and_calibrate(
     return bank, calibrate(scored, method)
 
 
+def scoring_config(
+    backbone_onnx: Path,
+    layers: Sequence[str],
+    size: tuple[int, int],
+    prompt_weight: float = PROMPT_WEIGHT,
+    correct_offsets: bool = CORRECT_OFFSETS,
+) -> ScoringConfig:
+    """The scoring a bundle of this backbone, layers and size is enrolled and served with."""
+    offsets = cell_offsets(backbone_onnx, layers, size) if correct_offsets else {}
+    return ScoringConfig(working_size=size, prompt_weight=prompt_weight, cell_offsets=offsets)
+
+
 def bundle_settings(
     bank: MemoryBank, thresholds: Thresholds, config: ScoringConfig, max_patches: int | None
 ) -> AnomalySettings:
@@ -102,6 +119,7 @@ def bundle_settings(
         sigma=config.sigma,
         max_patches=max_patches,
         shots=bank.names,
+        cell_offsets=dict(config.cell_offsets),
     )
 
 
@@ -129,6 +147,7 @@ def enroll(
     holdout: int = 0,
     max_patches: int | None = MAX_PATCHES,
     prompt_weight: float = PROMPT_WEIGHT,
+    correct_offsets: bool = CORRECT_OFFSETS,
     providers: Sequence[str] | None = None,
 ) -> Bundle:
     """Build a memory-bank bundle in ``out_dir`` from normal images and return it.
@@ -146,7 +165,9 @@ def enroll(
     features = extract_all(extractor, images, tuple(size))
     kept = len(paths) - holdout
     names = [p.name for p in paths[:kept]]
-    config = ScoringConfig(working_size=tuple(size), prompt_weight=prompt_weight)
+    config = scoring_config(
+        out_dir / BACKBONE_FILE, layers, tuple(size), prompt_weight, correct_offsets
+    )
     bank, thresholds = build_and_calibrate(features, names, config, max_patches)
     bank.save(out_dir / MEMORY_FILE)
     settings = bundle_settings(bank, thresholds, config, max_patches)

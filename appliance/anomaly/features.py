@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from appliance.anomaly.resample import avg_pool3x3, resize_bilinear
+from appliance.backends.onnxrt import create_session
 
 INPUT_NAME = "image"
 DEFAULT_LAYERS = ("s8", "s16")
@@ -77,9 +77,7 @@ class FeatureExtractor:
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"backbone {self.onnx_path} does not exist")
         self.layers = tuple(layers)
-        self.session = ort.InferenceSession(
-            str(self.onnx_path), providers=list(providers or ["CPUExecutionProvider"])
-        )
+        self.session = create_session(self.onnx_path, list(providers or ["CPUExecutionProvider"]))
         self._check_io()
 
     def _check_io(self) -> None:

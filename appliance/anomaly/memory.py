@@ -6,7 +6,9 @@ far from every one of them. This bank improves on that with two ideas (seed 002,
 * **Multi-scale.** Each backbone depth keeps its own patches and gives its own distance map. Maps
   are divided by the layer's spread (root mean squared distance of its normal patches to their mean,
   so that depths with larger activations do not dominate), upsampled to the working size and
-  averaged.
+  averaged. The upsampling puts each cell where the backbone really centres it
+  (``ScoringConfig.cell_offsets`` from ``geometry``: TF "SAME" padding sits stride-8 cells 3.5 px
+  and stride-16 cells 7.5 px down-right of the ``align_corners=False`` assumption).
 * **Self-prompt.** The normal shot that best matches the test image (lowest mean position-aware
   distance on the coarsest layer) is a prompt of what the image should look like. Each layer's map
   is ``(1 - w) * global + w * local``: the global nearest-neighbour distance, and the distance to
@@ -21,8 +23,8 @@ pickle).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,12 @@ class ScoringConfig:
     prompt_weight: float = PROMPT_WEIGHT
     sigma: float = 4.0
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    # layer -> (dy, dx) px: where its cells sit vs. align_corners=False (``geometry.cell_offsets``)
+    cell_offsets: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    def offsets(self, layers: Sequence[str]) -> list[tuple[float, float]]:
+        """The heatmap offset of each layer (none recorded: no shift)."""
+        return [tuple(self.cell_offsets.get(layer, (0.0, 0.0))) for layer in layers]
 
     def radius(self, grid_height: int) -> int:
         """The self-prompt window radius in patches of a grid of this height (at least 1)."""
@@ -70,9 +78,18 @@ def layer_spread(shots: np.ndarray) -> float:
     return spread if spread > 1e-12 else 1.0
 
 
-def fuse_maps(maps: Sequence[np.ndarray], size: tuple[int, int], sigma: float) -> np.ndarray:
-    """Average per-layer distance maps upsampled (bilinear) to ``size``, then Gaussian-smooth."""
-    fused = np.mean([resize_bilinear(m, size) for m in maps], axis=0)
+def fuse_maps(
+    maps: Sequence[np.ndarray],
+    size: tuple[int, int],
+    sigma: float,
+    offsets: Sequence[tuple[float, float]] | None = None,
+) -> np.ndarray:
+    """Average per-layer distance maps upsampled (bilinear, cell offsets corrected) to ``size``,
+    then Gaussian-smooth."""
+    offsets = offsets or [(0.0, 0.0)] * len(maps)
+    fused = np.mean(
+        [resize_bilinear(m, size, o) for m, o in zip(maps, offsets, strict=True)], axis=0
+    )
     return gaussian_smooth(fused, sigma)
 
 
@@ -173,7 +190,7 @@ class MemoryBank:
         self._check(grids)
         nearest = self.nearest_shot(grids, config)
         maps = [self.layer_map(layer, grids[layer], nearest, config) for layer in self.layers]
-        heatmap = fuse_maps(maps, config.working_size, config.sigma)
+        heatmap = fuse_maps(maps, config.working_size, config.sigma, config.offsets(self.layers))
         return Scored(heatmap, float(heatmap.max()), nearest)
 
     def self_score(self, index: int, config: ScoringConfig) -> Scored:
@@ -184,7 +201,7 @@ class MemoryBank:
             # The window must leave some patch outside it, even on a small grid.
             radius = min(config.radius(grid.shape[0]), (max(grid.shape[:2]) - 2) // 2)
             maps.append(self_excluded_nn(grid, max(radius, 0)) / self.scales[layer])
-        heatmap = fuse_maps(maps, config.working_size, config.sigma)
+        heatmap = fuse_maps(maps, config.working_size, config.sigma, config.offsets(self.layers))
         return Scored(heatmap, float(heatmap.max()), index)
 
     def save(self, path: Path) -> None:

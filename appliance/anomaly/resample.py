@@ -11,11 +11,17 @@ import numpy as np
 from scipy import ndimage
 
 
-def axis_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per output sample: lower and upper source index and the upper weight (align_corners=False)."""
+def axis_weights(
+    n_out: int, n_in: int, offset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output sample: lower and upper source index and the upper weight (align_corners=False).
+
+    ``offset`` (output samples): the source cells sit that far further along the axis than
+    ``align_corners=False`` assumes (TF "SAME" padding), so the resampled map is shifted back.
+    """
     if n_out < 1 or n_in < 1:
         raise ValueError(f"sizes must be positive, got n_out={n_out}, n_in={n_in}")
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = (np.arange(n_out, dtype=np.float64) + 0.5 - offset) * (n_in / n_out) - 0.5
     src = np.clip(src, 0.0, n_in - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -32,10 +38,10 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return matrix
 
 
-def _resize_axis(grid: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+def _resize_axis(grid: np.ndarray, n_out: int, axis: int, offset: float = 0.0) -> np.ndarray:
     # Two gathers and a blend: the interpolation matrix has two non-zeros per row, and small dense
     # products are slow on a busy CPU (BLAS threads), so the sparse form is used.
-    lo, hi, frac = axis_weights(n_out, grid.shape[axis])
+    lo, hi, frac = axis_weights(n_out, grid.shape[axis], offset)
     shape = [1] * grid.ndim
     shape[axis] = n_out
     frac = frac.reshape(shape)
@@ -43,12 +49,19 @@ def _resize_axis(grid: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     return low + (np.take(grid, hi, axis=axis) - low) * frac
 
 
-def resize_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize the two leading spatial axes of ``grid`` (H, W, ...) to ``size`` = (h, w)."""
+def resize_bilinear(
+    grid: np.ndarray, size: tuple[int, int], offset: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
+    """Resize the two leading spatial axes of ``grid`` (H, W, ...) to ``size`` = (h, w).
+
+    ``offset`` = (dy, dx) in output pixels: where the grid's cells sit relative to the
+    ``align_corners=False`` assumption (see ``geometry.cell_offsets``); edges are replicated.
+    """
     grid = grid.astype(np.float32, copy=False)
-    if grid.shape[:2] == tuple(size):
+    if grid.shape[:2] == tuple(size) and not any(offset):
         return grid
-    return _resize_axis(_resize_axis(grid, size[0], 0), size[1], 1)
+    rows = _resize_axis(grid, size[0], 0, offset[0])
+    return _resize_axis(rows, size[1], 1, offset[1])
 
 
 def avg_pool3x3(features: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ key and say what to do, rather than defaults that would silently score different
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from appliance.anomaly.memory import PROMPT_WEIGHT, ScoringConfig
 from appliance.bundle import BundleError
@@ -31,6 +31,8 @@ class AnomalySettings:
     max_regions: int = 5
     max_patches: int | None = None
     shots: tuple[str, ...] = ()
+    # layer -> [dy, dx] heatmap offset in working pixels; bundles enrolled before it had none
+    cell_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def scoring(self) -> ScoringConfig:
         return ScoringConfig(
@@ -38,6 +40,7 @@ class AnomalySettings:
             local_radius_px=self.local_radius_px,
             prompt_weight=self.prompt_weight,
             sigma=self.sigma,
+            cell_offsets=self.cell_offsets,
         )
 
     def to_dict(self) -> dict:
@@ -45,6 +48,7 @@ class AnomalySettings:
         data["working_size"] = list(self.working_size)
         data["layers"] = list(self.layers)
         data["shots"] = list(self.shots)
+        data["cell_offsets"] = {k: list(v) for k, v in self.cell_offsets.items()}
         return data
 
     @classmethod
@@ -55,7 +59,9 @@ class AnomalySettings:
             raise BundleError(
                 f"anomaly.{unknown[0]}: unknown key; allowed keys are {sorted(known)}"
             )
-        required = [f.name for f in fields(cls) if f.default is MISSING]
+        required = [
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        ]
         for name in required:
             if name not in data:
                 raise BundleError(
@@ -65,6 +71,7 @@ class AnomalySettings:
         values["working_size"] = _size(values["working_size"])
         values["layers"] = tuple(str(v) for v in values["layers"])
         values["shots"] = tuple(str(v) for v in values.get("shots", ()))
+        values["cell_offsets"] = _offsets(values.get("cell_offsets", {}), values["layers"])
         settings = cls(**values)
         _check_ranges(settings)
         return settings
@@ -80,6 +87,19 @@ def _size(value) -> tuple[int, int]:
             f"anomaly.working_size: {value!r}; expected [height, width], integers >= 32"
         )
     return int(value[0]), int(value[1])
+
+
+def _offsets(value, layers: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    if not isinstance(value, dict) or not set(value) <= set(layers):
+        raise BundleError(
+            f"anomaly.cell_offsets: {value!r}; expected {{layer: [dy, dx]}} for layers {layers}"
+        )
+    offsets = {}
+    for layer, pair in value.items():
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise BundleError(f"anomaly.cell_offsets.{layer}: {pair!r}; expected [dy, dx] pixels")
+        offsets[layer] = (float(pair[0]), float(pair[1]))
+    return offsets
 
 
 def _check_ranges(settings: AnomalySettings) -> None:
