@@ -24,7 +24,9 @@ def safe_name(text: str, limit: int = 64) -> str:
     return (cleaned.strip(".") or "_")[:limit]
 
 
-def atomic_write(path: Path, data: bytes) -> Path:
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> Path:
+    """Temp file → fsync → rename; ``sync_dir=False`` when a later write to the same directory
+    will fsync it (the rename becomes durable with that one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -33,7 +35,8 @@ def atomic_write(path: Path, data: bytes) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
     return path
 
 
@@ -67,8 +70,8 @@ class Outbox:
     def write(self, report: dict, path: Path) -> Path:
         return atomic_write(path, json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8"))
 
-    def write_bytes(self, path: Path, data: bytes) -> Path:
-        return atomic_write(path, data)
+    def write_bytes(self, path: Path, data: bytes, *, sync_dir: bool = True) -> Path:
+        return atomic_write(path, data, sync_dir=sync_dir)
 
 
 class Quarantine:

@@ -80,9 +80,12 @@ class Pipeline:
         items = self.store.next_batch(batch_size)
         if not items:
             return 0
+        self.store.mark_attempts([item.seq for item in items])
+        self._finished: list[dict] = []
+        self._inbox_done: list[Loaded] = []
+        self._batch_originals: list[Loaded] = []
         fresh = []
         for item in items:
-            self.store.mark_attempt(item.seq)
             if item.attempts >= MAX_ATTEMPTS:
                 entry = self._load_raw(item)
                 self._finish_error(
@@ -103,7 +106,16 @@ class Pipeline:
             else:
                 todo.append(entry)
         self._inspect(todo)
+        self._commit_batch()
         return len(items)
+
+    def _commit_batch(self) -> None:
+        """One transaction for the batch's outcomes; inbox payloads go only after it commits."""
+        self.store.finish_many(self._finished)
+        if any(out.get("report") for out in self._finished):
+            self.on_report()
+        for entry in self._inbox_done:
+            self._drop_inbox(entry)
 
     # -- loading ------------------------------------------------------------------------------
     def _load_raw(self, item: QueuedImage) -> Loaded:
@@ -184,15 +196,21 @@ class Pipeline:
         if not self.dedupe:
             return False
         rid = report_id(entry.sha256, self.inspector.bundle_ref["id"])
-        if not self.store.report_for_content(entry.sha256, rid):
+        in_batch = any(out.get("report_id") == rid for out in self._finished) or any(
+            e.sha256 == entry.sha256 for e in self._batch_originals
+        )
+        if not in_batch and not self.store.report_for_content(entry.sha256, rid):
+            self._batch_originals.append(entry)
             return False
         log.info(
             "skipping %s: same content as an earlier image (report %s)",
             entry.source.path or entry.source.topic,
             rid,
         )
-        self.store.finish(entry.item.seq, sha256=entry.sha256, report_id=rid, status="duplicate")
-        self._drop_inbox(entry)
+        self._finished.append(
+            {"seq": entry.item.seq, "sha256": entry.sha256, "report_id": rid, "status": "duplicate"}
+        )
+        self._inbox_done.append(entry)
         return True
 
     # -- inspecting ---------------------------------------------------------------------------
@@ -278,23 +296,24 @@ class Pipeline:
         path = self.outbox.path_for(report, received_at=entry.item.received_at, unique=unique)
         if heatmap is not None and report.get("anomaly"):
             heat_path = path.with_suffix(".heatmap.png")
-            self.outbox.write_bytes(heat_path, heatmap)
+            self.outbox.write_bytes(heat_path, heatmap, sync_dir=False)  # the report's fsyncs it
             report["anomaly"]["heatmap"] = heat_path.name
         self.outbox.write(report, path)
         topic = report_topic(
             self.topic_prefix, report["source"]["line"], report["source"]["camera"]
         )
-        self.store.finish(
-            entry.item.seq,
-            sha256=entry.sha256,
-            report_id=report["id"],
-            report=report,
-            file=str(path),
-            topic=topic,
+        self._finished.append(
+            {
+                "seq": entry.item.seq,
+                "sha256": entry.sha256,
+                "report_id": report["id"],
+                "report": report,
+                "file": str(path),
+                "topic": topic,
+            }
         )
-        self.on_report()
         if not quarantined:
-            self._drop_inbox(entry)
+            self._inbox_done.append(entry)
 
     def _drop_inbox(self, entry: Loaded) -> None:
         if entry.item.source_kind == "mqtt" and entry.item.path:

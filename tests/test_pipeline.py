@@ -126,3 +126,16 @@ def test_same_content_twice_gives_one_report(tmp_path, make_pipeline):
     pipeline.run_once(1)
     assert len(list((tmp_path / "out").rglob("*.json"))) == 1
     assert store.stats()["duplicates"] == 1
+
+
+def test_same_content_twice_in_one_batch_gives_one_report(tmp_path, make_pipeline):
+    pipeline, store = make_pipeline(StubInspector())
+    first = save_png(make_sample(6).rgb, tmp_path / "one.png")
+    second = tmp_path / "two.png"
+    second.write_bytes(first.read_bytes())
+    enqueue(store, first, "1")
+    enqueue(store, second, "2")
+    assert pipeline.run_once(4) == 2
+    assert len(list((tmp_path / "out").rglob("*.json"))) == 1
+    stats = store.stats()
+    assert stats["duplicates"] == 1 and stats["reports_total"] == 1 and stats["queue_depth"] == 0
