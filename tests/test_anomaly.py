@@ -32,6 +32,7 @@ from appliance.anomaly.distance import (
 )
 from appliance.anomaly.features import FeatureExtractor, fuse
 from appliance.anomaly.geometry import cell_offsets
+from appliance.anomaly.memory import patchcore_weight, peak_cell
 from appliance.anomaly.preprocess import box_to_original, to_working
 from appliance.anomaly.regions import find_regions, region_score
 from appliance.anomaly.resample import avg_pool3x3, bilinear_matrix, resize_bilinear
@@ -335,16 +336,20 @@ def test_cell_offsets_move_the_heatmap_peak_down_right():
     assert shifted.offsets(["s8", "s4"]) == [(8.0, 8.0), (0.0, 0.0)]
 
 
+# The smallest valid manifest "anomaly" section, as an older bundle (no optional keys) has it.
+MINIMAL_SETTINGS = {
+    "backbone": "b.onnx",
+    "memory": "m.npz",
+    "working_size": [64, 64],
+    "layers": ["s8", "s16"],
+    "image_threshold": 1.0,
+    "pixel_threshold": 0.5,
+    "calibration": {},
+}
+
+
 def test_settings_read_cell_offsets_strictly():
-    base = {
-        "backbone": "b.onnx",
-        "memory": "m.npz",
-        "working_size": [64, 64],
-        "layers": ["s8", "s16"],
-        "image_threshold": 1.0,
-        "pixel_threshold": 0.5,
-        "calibration": {},
-    }
+    base = dict(MINIMAL_SETTINGS)
     assert AnomalySettings.from_dict(base).scoring().cell_offsets == {}  # older bundles
     settings = AnomalySettings.from_dict({**base, "cell_offsets": {"s8": [3.5, 3.5]}})
     assert settings.scoring().cell_offsets == {"s8": (3.5, 3.5)}
@@ -353,6 +358,65 @@ def test_settings_read_cell_offsets_strictly():
         AnomalySettings.from_dict({**base, "cell_offsets": {"s4": [1, 1]}})
     with pytest.raises(BundleError, match=r"cell_offsets\.s8"):
         AnomalySettings.from_dict({**base, "cell_offsets": {"s8": [1]}})
+
+
+def test_patchcore_weight_on_literals():
+    bank = np.array([[0.0], [1.0], [3.0], [10.0]], dtype=np.float32)
+    # Query 2: distances 2, 1, 1, 8 -> m* = row 1 (first nearest); the 3 rows nearest m* are rows
+    # 1, 0, 2 (0, 1, 2 away), 1, 2, 1 from the query: w = 1 - e^1 / (e^1 + e^2 + e^1) = 1 - 1/(2+e).
+    assert patchcore_weight(np.array([2.0]), bank, 3) == pytest.approx(1 - 1 / (2 + np.e))
+    # More neighbours than rows: all four, distances 1, 2, 1, 8 from the query.
+    all_four = 1 - np.e / (2 * np.e + np.e**2 + np.e**8)
+    assert patchcore_weight(np.array([2.0]), bank, 9) == pytest.approx(all_four)
+    # One neighbour is m* alone: softmax 1, weight 0 (anomalib's num_neighbors=1 skips weighting).
+    assert patchcore_weight(np.array([2.0]), bank, 1) == 0.0
+    # m* counts first even when an exact duplicate ties it: query 0.9, m* = row 0 (0.1 away).
+    dup = np.array([[1.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
+    assert patchcore_weight(np.array([0.9, 0.0]), dup, 2) == pytest.approx(0.5)
+    assert patchcore_weight(np.array([0.9, 0.0]), dup, 3) == pytest.approx(
+        1 - np.exp(0.1) / (2 * np.exp(0.1) + np.exp(4.1))
+    )
+
+
+def test_peak_cell_maps_the_heatmap_maximum_to_each_grid():
+    heatmap = np.zeros((8, 8))
+    heatmap[5, 2] = 1.0
+    assert peak_cell(heatmap, (8, 8)) == (5, 2)
+    assert peak_cell(heatmap, (4, 4)) == (2, 1)
+    assert peak_cell(heatmap, (2, 2)) == (1, 0)
+
+
+def test_reweighted_score_is_the_maximum_times_the_mean_layer_weight():
+    bank = bank_of([1, 2])
+    changed = grids(3)
+    changed["s8"][2, 2] += 10.0
+    plain = ScoringConfig(working_size=(48, 48), reweight_neighbors=0)
+    weighted = replace(plain, reweight_neighbors=9)
+    assert ScoringConfig().reweight_neighbors == 9  # the product default
+    base, scored = bank.score(changed, plain), bank.score(changed, weighted)
+    np.testing.assert_array_equal(scored.heatmap, base.heatmap)  # pixels are not re-weighted
+    weights = []
+    for layer in bank.layers:
+        cell = peak_cell(base.heatmap, changed[layer].shape[:2])
+        weights.append(patchcore_weight(changed[layer][cell], bank.bank(layer), 9))
+    expected = np.mean(weights)
+    assert 8 / 9 <= expected < 1
+    assert scored.score == pytest.approx(base.score * expected)
+    # One shot: the weight is taken against the image's own patches outside the window.
+    one = bank_of([1])
+    self_plain, self_weighted = one.self_score(0, plain), one.self_score(0, weighted)
+    assert 8 / 9 * self_plain.score <= self_weighted.score < self_plain.score
+
+
+def test_settings_read_reweight_neighbors_strictly():
+    base = dict(MINIMAL_SETTINGS)
+    assert AnomalySettings.from_dict(base).scoring().reweight_neighbors == 0  # older bundles
+    settings = AnomalySettings.from_dict({**base, "reweight_neighbors": 9})
+    assert settings.scoring().reweight_neighbors == 9
+    assert settings.to_dict()["reweight_neighbors"] == 9
+    for bad in (-1, 2.5, True, "9"):
+        with pytest.raises(BundleError, match="reweight_neighbors"):
+            AnomalySettings.from_dict({**base, "reweight_neighbors": bad})
 
 
 def test_save_load_round_trip_keeps_scores(tmp_path):
@@ -443,6 +507,7 @@ def test_manifest_records_thresholds_and_preprocessing(bundle_dir):
     }
     assert manifest["preprocessing"]["size_hw"] == list(WORKING)
     assert section["cell_offsets"] == {}  # off by default (CORRECT_OFFSETS)
+    assert section["reweight_neighbors"] == 9  # on by default (REWEIGHT_NEIGHBORS)
 
 
 def test_one_shot_enrolment_detects_the_defect(tmp_path, backbone):
@@ -474,6 +539,23 @@ def test_enrolment_with_offset_correction_records_the_offsets(tmp_path):
     assert bundle.section("anomaly")["cell_offsets"] == {"s8": [3.0, 3.0], "s16": [7.0, 7.0]}
     detector = AnomalyDetector(load_bundle(tmp_path / "b"))
     assert detector.scoring.cell_offsets == {"s8": (3.0, 3.0), "s16": (7.0, 7.0)}
+
+
+def test_enrolment_records_and_serves_the_reweighting_choice(tmp_path, backbone):
+    paths = [save_png(texture(seed=s), tmp_path / f"{s}.png") for s in range(2)]
+    taxonomy = Taxonomy(labels=())
+    bundle = enroll(
+        paths,
+        tmp_path / "b",
+        taxonomy=taxonomy,
+        backbone_onnx=backbone,
+        size=WORKING,
+        reweight_neighbors=0,
+    )
+    assert bundle.section("anomaly")["reweight_neighbors"] == 0
+    detector = AnomalyDetector(load_bundle(tmp_path / "b"))
+    assert detector.scoring.reweight_neighbors == 0
+    assert detector.detect(with_defect(texture(seed=7))).is_anomalous
 
 
 def test_holdout_calibration(tmp_path, backbone):

@@ -144,6 +144,8 @@ def test_broker_outage_backlog_drains_after_it_returns(
     daemon = daemons(config)
     names = drop_parts(tmp_path / "incoming", 3)
     assert wait_for(lambda: len(sub.reports) >= 3, 120), daemon.log_text()
+    # The subscriber's copy can arrive before the daemon has handled its PUBACK: wait for that too.
+    assert wait_for(lambda: status_json(config)["publish_backlog"] == 0, 60)
     broker.stop()
     names += drop_parts(tmp_path / "incoming", 5, start=3)
     assert wait_for(lambda: len(report_files(tmp_path)) >= 8, 120), daemon.log_text()

@@ -19,7 +19,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from appliance.anomaly.calibrate import Thresholds, calibrate, held_out, leave_one_out
 from appliance.anomaly.features import DEFAULT_LAYERS, FeatureExtractor, PatchFeatures
 from appliance.anomaly.geometry import cell_offsets
-from appliance.anomaly.memory import PROMPT_WEIGHT, MemoryBank, ScoringConfig
+from appliance.anomaly.memory import (
+    PROMPT_WEIGHT,
+    REWEIGHT_NEIGHBORS,
+    MemoryBank,
+    ScoringConfig,
+)
 from appliance.anomaly.preprocess import DEFAULT_SIZE, PIXEL_MEAN, PIXEL_STD, batch_to_working
 from appliance.anomaly.settings import BUNDLE_KIND, AnomalySettings
 from appliance.bundle import Bundle, write_manifest
@@ -97,10 +102,16 @@ def scoring_config(
     size: tuple[int, int],
     prompt_weight: float = PROMPT_WEIGHT,
     correct_offsets: bool = CORRECT_OFFSETS,
+    reweight_neighbors: int = REWEIGHT_NEIGHBORS,
 ) -> ScoringConfig:
     """The scoring a bundle of this backbone, layers and size is enrolled and served with."""
     offsets = cell_offsets(backbone_onnx, layers, size) if correct_offsets else {}
-    return ScoringConfig(working_size=size, prompt_weight=prompt_weight, cell_offsets=offsets)
+    return ScoringConfig(
+        working_size=size,
+        prompt_weight=prompt_weight,
+        cell_offsets=offsets,
+        reweight_neighbors=reweight_neighbors,
+    )
 
 
 def bundle_settings(
@@ -120,6 +131,7 @@ def bundle_settings(
         max_patches=max_patches,
         shots=bank.names,
         cell_offsets=dict(config.cell_offsets),
+        reweight_neighbors=config.reweight_neighbors,
     )
 
 
@@ -148,6 +160,7 @@ def enroll(
     max_patches: int | None = MAX_PATCHES,
     prompt_weight: float = PROMPT_WEIGHT,
     correct_offsets: bool = CORRECT_OFFSETS,
+    reweight_neighbors: int = REWEIGHT_NEIGHBORS,
     providers: Sequence[str] | None = None,
 ) -> Bundle:
     """Build a memory-bank bundle in ``out_dir`` from normal images and return it.
@@ -166,7 +179,12 @@ def enroll(
     kept = len(paths) - holdout
     names = [p.name for p in paths[:kept]]
     config = scoring_config(
-        out_dir / BACKBONE_FILE, layers, tuple(size), prompt_weight, correct_offsets
+        out_dir / BACKBONE_FILE,
+        layers,
+        tuple(size),
+        prompt_weight,
+        correct_offsets,
+        reweight_neighbors,
     )
     bank, thresholds = build_and_calibrate(features, names, config, max_patches)
     bank.save(out_dir / MEMORY_FILE)

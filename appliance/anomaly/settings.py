@@ -33,6 +33,8 @@ class AnomalySettings:
     shots: tuple[str, ...] = ()
     # layer -> [dy, dx] heatmap offset in working pixels; bundles enrolled before it had none
     cell_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # PatchCore image-score re-weighting neighbours; bundles enrolled before it had none (0: off)
+    reweight_neighbors: int = 0
 
     def scoring(self) -> ScoringConfig:
         return ScoringConfig(
@@ -41,6 +43,7 @@ class AnomalySettings:
             prompt_weight=self.prompt_weight,
             sigma=self.sigma,
             cell_offsets=self.cell_offsets,
+            reweight_neighbors=self.reweight_neighbors,
         )
 
     def to_dict(self) -> dict:
@@ -107,6 +110,11 @@ def _check_ranges(settings: AnomalySettings) -> None:
         raise BundleError("anomaly.layers: empty; expected backbone outputs such as ['s8', 's16']")
     if not 0.0 <= settings.prompt_weight <= 1.0:
         raise BundleError(f"anomaly.prompt_weight: {settings.prompt_weight!r}; expected 0 to 1")
+    neighbors = settings.reweight_neighbors
+    if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
+        raise BundleError(
+            f"anomaly.reweight_neighbors: {neighbors!r}; expected an integer >= 0 (0: off)"
+        )
     for name in ("image_threshold", "pixel_threshold"):
         if not getattr(settings, name) >= 0:
             raise BundleError(
