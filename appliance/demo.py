@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from appliance.daemon_process import DaemonProcess
 from appliance.localbroker import LocalBroker, find_mosquitto
 from appliance.samples import DEFECT_KINDS, make_sample
 
@@ -149,15 +149,11 @@ def run_demo(workspace: Path | None, *, count: int = 6, timeout: float = 240.0) 
     config = write_config(workspace, mqtt_port=broker.port if broker else None)
     enroll_default(workspace)
     listener = ReportListener(broker.port) if broker else None
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "run", "--config", str(config)],
-        stderr=open(workspace / "daemon.log", "ab"),  # noqa: SIM115 - lives with the daemon
-    )
+    daemon = DaemonProcess(config)
     try:
         return _watch(workspace, daemon, listener, count, timeout)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
+        daemon.stop(timeout=30)
         if listener:
             listener.stop()
         if broker:
@@ -171,7 +167,7 @@ def _watch(workspace: Path, daemon, listener, count: int, timeout: float) -> int
     threading.Thread(target=_drop_parts, args=(workspace / "incoming", count), daemon=True).start()
     shown: set[Path] = set()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and daemon.poll() is None:
+    while time.monotonic() < deadline and daemon.alive():
         for path in _report_files(workspace):
             if path not in shown:
                 shown.add(path)
@@ -185,7 +181,7 @@ def _watch(workspace: Path, daemon, listener, count: int, timeout: float) -> int
         f"\n{len(shown)} report files on disk, {on_mqtt if listener else 'n/a'} on MQTT "
         f"(expected {expected})"
     )
-    if daemon.poll() is not None:
+    if not daemon.alive():
         print("the daemon exited early; see daemon.log")
         return 1
     return 0 if len(shown) >= expected and (on_mqtt is None or on_mqtt >= expected) else 1

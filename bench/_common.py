@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
+import platform
 import subprocess
 import sys
 import threading
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from appliance.daemon_process import DaemonProcess  # noqa: F401 - re-exported for the scripts
 from appliance.samples import DEFECT_KINDS, make_sample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,53 +103,6 @@ narrative = "{narrative}"
     return config
 
 
-class DaemonProcess:
-    """``python -m appliance run`` in its workspace, logging to daemon.log there."""
-
-    def __init__(self, config: Path):
-        self.config = config
-        self.log = open(config.parent / "daemon.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--config", str(config)],
-            stdout=self.log,
-            stderr=self.log,
-            cwd=REPO,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        log = self.config.parent / "daemon.log"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited; see {log}")
-            if "appliance ready" in log.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"the daemon was not ready in {timeout}s; see {log}")
-
-    def rss_kib(self) -> int:
-        """VmRSS of the daemon process, from /proc."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no VmRSS for pid {self.pid}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-
 class ReportSubscriber:
     """Notes the wall time each report reaches a real MQTT client, keyed by the file's name."""
 
@@ -188,13 +142,20 @@ class ReportSubscriber:
         self.client.disconnect()
 
 
+def cpu_name() -> str:
+    """CPU model from /proc/cpuinfo where available (platform.processor() is often empty)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: keep platform's answer
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, nproc {os.cpu_count()}"
+    return f"{cpu_name()}, nproc {os.cpu_count()}"
 
 
 def load_average() -> str:
@@ -214,6 +175,7 @@ def replace_section(text: str, heading: str, body: str) -> str:
 
 def write_section(heading: str, body: str) -> None:
     """Replace (or append) one section of docs/benchmarks.md, re-reading the file just before."""
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
     current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     DOCS.write_text(replace_section(current, heading, body))
     print(f"wrote the section {heading!r} of {DOCS}")

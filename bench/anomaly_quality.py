@@ -35,10 +35,9 @@ from appliance.anomaly.enroll import CORRECT_OFFSETS, MAX_PATCHES, load_rgb, sco
 from appliance.anomaly.features import DEFAULT_LAYERS, FeatureExtractor
 from appliance.anomaly.memory import MemoryBank, ScoringConfig
 from appliance.anomaly.preprocess import batch_to_working
-from bench.backbone_parity import cpu_name, replace_markdown_section
+from bench._common import cpu_name, write_section
 
 HEADING = "## Anomaly quality: Magnetic tile, appliance vs PatchCore"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 DATA = Path("/work/shared/datasets/magnetic_tile")
 SHOTS = (1, 2, 4, 16)
 BATCH = 8
@@ -476,7 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"appliance tuning variants to run too ({', '.join(VARIANTS)}; or 'all')",
     )
     parser.add_argument("--cache", type=Path, help="directory to keep backbone features in")
-    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.variants == ["all"]:
         args.variants = list(VARIANTS)
@@ -504,9 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     body = format_report(results, args, command.strip())
     print(body)
     if not args.no_write:
-        text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"  # re-read right before writing
-        DOC.write_text(replace_markdown_section(text, HEADING, body))
-        print(f"updated {DOC}")
+        write_section(HEADING, body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,37 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._common import cpu_name, write_section
+
 HEADING = "## Embedded backbone: torch vs ONNX Runtime"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BATCHES = (1, 8)
 SIZE = 224
-
-
-def replace_markdown_section(text: str, heading: str, body: str) -> str:
-    """Replace the level-2 section titled ``heading`` (up to the next heading), or append it."""
-    section = f"{heading}\n\n{body.strip()}\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        return section if not text.strip() else text.rstrip("\n") + "\n\n" + section
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
-        len(lines),
-    )
-    after = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + after if after else "")
-
-
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo where available (platform.processor() is often empty)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -171,7 +144,7 @@ def format_report(rows: list[dict[str, float]], repeats: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
-    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -184,10 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     body = format_report(rows, args.repeats)
     print(body)
     if not args.no_write:
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-        DOC.write_text(replace_markdown_section(text, HEADING, body))
-        print(f"updated {DOC}")
+        write_section(HEADING, body)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,15 @@ grammar" of docs/benchmarks.md (other sections of that file are left as they are
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import statistics
 import sys
 from datetime import date
 from pathlib import Path
 
+from bench._common import machine, write_section
+
 HEADING = "## Narrative: tokens/s with and without the grammar"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 FACTS = {
     "line": "L3",
     "camera": "cam-2",
@@ -57,29 +56,6 @@ def results_table(results: dict[str, dict]) -> str:
         )
     ratio = results["grammar"]["tokens_per_s"] / results["free"]["tokens_per_s"]
     return "\n".join(lines) + f"\n\nRatio grammar / free: **{ratio:.2f}**"
-
-
-def replace_section(text: str, heading: str, body: str) -> str:
-    """``text`` with the section under ``heading`` (up to the next ``## ``) set to ``body``."""
-    section = f"{heading}\n\n{body.strip()}\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        return (text.rstrip() + "\n\n" if text.strip() else "") + section
-    end = text.find("\n## ", start + len(heading))
-    rest = "" if end < 0 else "\n" + text[end + 1 :]
-    return text[:start] + section + rest
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: keep platform's answer
-    return f"{model}, nproc {os.cpu_count()}"
 
 
 def measure(writer, runs: int) -> dict[str, dict]:
@@ -124,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`"
     )
     if not args.no_docs:
-        DOCS.parent.mkdir(parents=True, exist_ok=True)
-        current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-        DOCS.write_text(replace_section(current, HEADING, body))
-        print(f"wrote the section {HEADING!r} of {DOCS}")
+        write_section(HEADING, body)
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from appliance.daemon_process import DaemonProcess
 from appliance.localbroker import LocalBroker, find_mosquitto
 from appliance.samples import make_sample
 
@@ -155,39 +155,6 @@ n_threads = 2
 {extra}
 """)
     return config
-
-
-class DaemonProcess:
-    def __init__(self, config: Path):
-        self.config = config
-        self.log = open(config.parent / "daemon.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--config", str(config)],
-            stdout=self.log,
-            stderr=self.log,
-            cwd=REPO,
-        )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill9(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> int:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-    def log_text(self) -> str:
-        return (self.config.parent / "daemon.log").read_text(errors="replace")
 
 
 @pytest.fixture
