@@ -35,12 +35,7 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 def cmd_check_config(args) -> int:
-    try:
-        config = load_config(Path(args.path))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
-        return 2
+    config = load_config(Path(args.path))  # problems: printed by main(), exit 2
     print(
         f"{args.path}: OK ({len(config.sources.folder)} folder source(s), "
         f"{len(config.taxonomy_obj.labels)} labels, bundle {config.model.bundle})"
@@ -61,12 +56,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    try:
-        config = load_config(_config_path(args.config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
-        return 2
+    config = load_config(_config_path(args.config))  # problems: printed by main(), exit 2
     _setup_logging(config.logging.level)
     from appliance.bundle import BundleError
     from appliance.daemon import Daemon

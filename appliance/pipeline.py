@@ -119,16 +119,7 @@ class Pipeline:
 
     # -- loading ------------------------------------------------------------------------------
     def _load_raw(self, item: QueuedImage) -> Loaded:
-        source = Source(
-            kind=item.source_kind,
-            line=item.line,
-            camera=item.camera,
-            path=display_path(item.path) if item.path else None,
-            topic=item.topic,
-            message_id=item.message_id,
-            captured_at=item.captured_at,
-        )
-        entry = Loaded(item=item, source=source)
+        entry = Loaded(item=item, source=_source_of(item))
         try:
             entry.data = self._read(item)
         except ImageRejected:
@@ -137,16 +128,7 @@ class Pipeline:
         return entry
 
     def _load(self, item: QueuedImage) -> Loaded:
-        source = Source(
-            kind=item.source_kind,
-            line=item.line,
-            camera=item.camera,
-            path=display_path(item.path) if item.path else None,
-            topic=item.topic,
-            message_id=item.message_id,
-            captured_at=item.captured_at,
-        )
-        entry = Loaded(item=item, source=source)
+        entry = Loaded(item=item, source=_source_of(item))
         started = time.perf_counter()
         try:
             entry.data = self._read(item)
@@ -318,3 +300,16 @@ class Pipeline:
     def _drop_inbox(self, entry: Loaded) -> None:
         if entry.item.source_kind == "mqtt" and entry.item.path:
             Path(entry.item.path).unlink(missing_ok=True)
+
+
+def _source_of(item: QueuedImage) -> Source:
+    """The report's ``source`` as recorded at receipt (an MQTT envelope may refine it later)."""
+    return Source(
+        kind=item.source_kind,
+        line=item.line,
+        camera=item.camera,
+        path=display_path(item.path) if item.path else None,
+        topic=item.topic,
+        message_id=item.message_id,
+        captured_at=item.captured_at,
+    )

