@@ -8,6 +8,16 @@ import pytest
 
 from appliance.grammar import gbnf_from_schema
 from appliance.schema import defect_schema, narrative_schema
+from appliance.target import (
+    answer_text,
+    from_input_pixels,
+    objects_from_target,
+    parse_target,
+    render_target,
+    target_problems,
+    target_schema,
+    to_input_pixels,
+)
 from appliance.taxonomy import Taxonomy
 from train.prompts import (
     DETECTION_QUESTIONS,
@@ -21,16 +31,6 @@ from train.prompts import (
     knowledge_messages,
     labels_phrase,
     sample_questions,
-)
-from train.targets import (
-    answer_text,
-    from_input_pixels,
-    objects_from_target,
-    parse_target,
-    render_target,
-    target_problems,
-    target_schema,
-    to_input_pixels,
 )
 
 TAXONOMY = Taxonomy(labels=("scratch", "crack"), attributes={"severity": ("minor", "major")})

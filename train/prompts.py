@@ -1,7 +1,7 @@
 """Prompts for the three training stages, as pure functions of the record and the taxonomy.
 
 * Stage 1, detection (seed 000, Fig. 2a): a template question about the image; the completion is
-  the target JSON of ``train.targets`` with the defects and their boxes and a null narrative.
+  the target JSON of ``appliance.target`` with the defects and their boxes and a null narrative.
 * Stage 2, defect knowledge (seed 000, section III-C): questions from five perspectives, filled
   with the image's labels, answered by a teacher (``appliance distill``).
 * GRPO (seed 001, section III-B): a system prompt asking for ``<think>...</think><answer>...</answer>``
@@ -17,8 +17,8 @@ import json
 import random
 from dataclasses import dataclass
 
+from appliance.target import Size, target_schema
 from appliance.taxonomy import Taxonomy
-from train.targets import Size, target_schema
 
 IMAGE_TOKEN = "<image>"
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of the inspector: stage ``detect``, then stage ``knowledge``.
 
 * ``detect`` (seed 000, stage 1) starts from the base model: image + a template question →
-  the target JSON of ``train.targets`` (defects with boxes in input pixels, null narrative).
+  the target JSON of ``appliance.target`` (defects with boxes in input pixels, null narrative).
 * ``knowledge`` (stage 2) starts from a ``detect`` checkpoint: image + a question from the
   records' QA pairs (written by ``appliance distill``) → the answer text.
 
@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from appliance.target import render_target
 from train.checkpoint import (
     CheckpointError,
     Progress,
@@ -36,7 +37,6 @@ from train.data import LabelMap, Record, read_dataset
 from train.model import Example, Inspector, build_inspector, collate, encode_chat, preprocess
 from train.prompts import detection_messages, knowledge_messages
 from train.recipe import Recipe, Stage, Training
-from train.targets import render_target
 from train.tokenizer import build_tokenizer
 
 

@@ -106,14 +106,19 @@ def target_from_objects(
     """The target for ground-truth ``objects`` (``label``, ``bbox`` in image pixels, optional
     ``attributes``); raises ``ValueError`` listing every schema problem, e.g. an unknown label."""
     defect_keys = list(target_defect_schema(taxonomy)["properties"])
+    order = {name: i for i, name in enumerate(taxonomy.attributes)}
     defects = []
     for obj in objects:
         attributes = obj.get("attributes") or {}
         defect = {
             "label": obj["label"],
             "bbox": to_input_pixels(obj["bbox"], image_size, input_size),
+            # In the taxonomy's declared order, the order the decoding grammar writes them in;
+            # unknown names go last and fail the schema check below.
             "attributes": {
-                k: attributes[k] for k in sorted(attributes) if attributes[k] is not None
+                k: attributes[k]
+                for k in sorted(attributes, key=lambda k: (k not in order, order.get(k, 0), k))
+                if attributes[k] is not None
             },
         }
         defects.append({key: defect[key] for key in defect_keys})
