@@ -5,7 +5,7 @@ and uses ``f.__name__`` to log it. ``completions`` are strings, or chat-style li
 ``{"role", "content"}`` dicts (conversational data sets); both are accepted here. Ground truth comes
 from the data set column ``objects``: for each completion, a list of ``{"label", "bbox",
 "attributes"}`` with boxes in the target's convention (integer pixels of the model's input image,
-see ``train.targets``).
+see ``appliance.target``).
 
 Every reward lies in [0, 1]. A completion that cannot be read scores 0 and never raises; a missing
 ground-truth column does raise, because that is a mistake in the data set, not in the model.
@@ -22,9 +22,10 @@ import re
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 
+from appliance.metrics import match_pairs
+from appliance.target import ANSWER_RE, answer_text, is_box, parse_target, target_validator
 from appliance.taxonomy import Taxonomy
-from train.data.boxes import iou
-from train.targets import ANSWER_RE, answer_text, is_box, parse_target, target_validator
+from train.data.boxes import iou  # noqa: F401  (re-exported: callers score overlaps with it)
 
 IOU_THRESHOLD = 0.5
 # Anti-gibberish limits: word n-gram size for repetition, longest plausible token, longest
@@ -118,25 +119,18 @@ def match_defects(predicted: list, truth: list[dict]) -> list[tuple[int, int]]:
     """Greedy label-aware matching: ``(pred index, truth index)`` pairs, highest IoU first.
 
     A pair qualifies when the labels are equal and IoU >= ``IOU_THRESHOLD``; ties are broken by
-    index so the result is deterministic. Malformed predictions match nothing.
+    index so the result is deterministic. Malformed predictions match nothing. The matching itself
+    is ``appliance.metrics.match_pairs``, shared with ``appliance eval``.
     """
-    candidates = []
-    for i, pred in enumerate(predicted):
-        if not isinstance(pred, dict) or not is_box(pred.get("bbox")):
-            continue
-        for j, gt in enumerate(truth):
-            if pred.get("label") != gt["label"]:
-                continue
-            overlap = iou(pred["bbox"], gt["bbox"])
-            if overlap >= IOU_THRESHOLD:
-                candidates.append((-overlap, i, j))
-    used_pred, used_gt, pairs = set(), set(), []
-    for _, i, j in sorted(candidates):
-        if i not in used_pred and j not in used_gt:
-            used_pred.add(i)
-            used_gt.add(j)
-            pairs.append((i, j))
-    return pairs
+    usable = [
+        i for i, pred in enumerate(predicted) if isinstance(pred, dict) and is_box(pred.get("bbox"))
+    ]
+    pairs = match_pairs(
+        [(predicted[i].get("label"), predicted[i]["bbox"]) for i in usable],
+        [(gt["label"], gt["bbox"]) for gt in truth],
+        IOU_THRESHOLD,
+    )
+    return [(usable[i], j) for i, j in pairs]
 
 
 def detection_f1_reward(completions: list, **kwargs) -> list[float]:
