@@ -13,7 +13,8 @@ from pathlib import Path
 
 from train.recipe import STAGES, load_recipe
 
-SUPERVISED_STAGES = STAGES  # "grpo" joins when the GRPO trainer lands
+SUPERVISED_STAGES = STAGES
+ALL_STAGES = (*STAGES, "grpo")  # grpo: TRL's GRPOTrainer (train.grpo)
 
 
 def run_train(
@@ -21,14 +22,17 @@ def run_train(
 ) -> Path:
     """Train ``stage`` with the recipe file ``recipe`` into the checkpoint folder ``out``.
 
-    ``detect`` starts from the base model; ``knowledge`` needs ``from_ckpt``, a detect checkpoint.
-    An unfinished checkpoint at ``out`` is resumed. Raises ``RecipeError``, ``DataError``,
+    ``detect`` starts from the base model; ``knowledge`` needs ``from_ckpt``, a detect checkpoint;
+    ``grpo`` needs a knowledge checkpoint. An unfinished detect/knowledge checkpoint at ``out`` is
+    resumed. Raises ``RecipeError``, ``DataError``,
     ``CheckpointError`` or ``ValueError`` with a message that says what to fix.
     """
+    if stage == "grpo":
+        return _run_grpo(recipe, out, from_ckpt)
     from train.sft import train_stage
 
     if stage not in SUPERVISED_STAGES:
-        raise ValueError(f"stage {stage!r} is not one of {', '.join(SUPERVISED_STAGES)}")
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(ALL_STAGES)}")
     progress = train_stage(
         load_recipe(recipe), stage, Path(out), Path(from_ckpt) if from_ckpt else None
     )
@@ -37,9 +41,20 @@ def run_train(
     return Path(out)
 
 
+def _run_grpo(recipe: str | Path, out: str | Path, from_ckpt: str | Path | None) -> Path:
+    from train.grpo import train_grpo
+
+    progress, rewards = train_grpo(
+        load_recipe(recipe), Path(out), Path(from_ckpt) if from_ckpt else None
+    )
+    last = f", last mean reward {rewards[-1]['reward']:.4f}" if rewards else ""
+    print(f"grpo: step {progress.step}/{progress.total_steps}{last} → {out}")
+    return Path(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.cli", description=__doc__)
-    parser.add_argument("--stage", required=True, choices=SUPERVISED_STAGES)
+    parser.add_argument("--stage", required=True, choices=ALL_STAGES)
     parser.add_argument("--recipe", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--from", dest="from_ckpt", type=Path, default=None)

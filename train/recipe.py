@@ -14,6 +14,8 @@ Sections, one per concern::
     [training]         seed, batch size, accumulation, precision, checkpointing, optimizer
     [training.detect]  stage-1 learning rate and length
     [training.knowledge]  stage-2 learning rate and length
+    [training.grpo]    GRPO length, sampling, KL weight and reward weights
+    [distill]          the teacher of `appliance distill` (optional; ignored by training)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from appliance.taxonomy import Taxonomy
 from train.data.readers import FORMATS
+from train.rewards import RewardWeights
 
 STAGES = ("detect", "knowledge")
 
@@ -127,6 +130,22 @@ class Stage(Strict):
         return self
 
 
+class Grpo(Strict):
+    """GRPO (seed 001) from a knowledge checkpoint with TRL's GRPOTrainer (``train.grpo``)."""
+
+    lr: float = Field(1e-5, gt=0)
+    max_steps: int = Field(200, ge=1)  # optimizer steps
+    warmup_steps: int = Field(0, ge=0)
+    images_per_step: int = Field(1, ge=1)  # prompts per step, each sampled num_generations times
+    num_generations: int = Field(4, ge=2)  # the group whose rewards give the advantages
+    max_completion_length: int = Field(512, ge=8)  # tokens
+    beta: float = Field(0.0, ge=0)  # KL weight to the knowledge checkpoint; 0: no reference model
+    temperature: float = Field(1.0, gt=0)
+    # format, json_validity, schema_compliance, count, detection_f1, attribute_accuracy,
+    # anti_gibberish (train.rewards); 0 logs a reward without optimising it
+    reward_weights: RewardWeights = RewardWeights()
+
+
 class Training(Strict):
     seed: int = 0
     batch_size: int = Field(4, ge=1)
@@ -140,12 +159,43 @@ class Training(Strict):
     questions_per_image: int | None = Field(None, ge=1)  # stage 2: cap on QA pairs per image
     detect: Stage = Stage(lr=2e-4, epochs=3)
     knowledge: Stage = Stage(lr=1e-4, epochs=2)
+    grpo: Grpo = Grpo()
+
+
+class Distill(Strict):
+    """The teacher that answers the stage-2 questions (``appliance distill``, ``train.distill``)."""
+
+    base_url: str  # OpenAI-compatible API root, e.g. "http://127.0.0.1:8080/v1"
+    model: str
+    api_key_file: Path | None = None  # first line is the key; none for an open local server
+    attach_image: bool = True  # False for text-only teachers: labels and boxes still go in text
+    questions_per_image: int = Field(3, ge=1, le=15)
+    max_tokens: int = Field(256, ge=8)
+    temperature: float = Field(0.2, ge=0.0, le=2.0)
+    seed: int = 0  # question sampling and the teacher's sampling seed
+    requests_per_minute: float | None = Field(60.0, gt=0)  # None: no client-side limit
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    answer_attempts: int = Field(2, ge=1)  # ask again (next seed) after an invalid answer
+    min_answer_chars: int = Field(20, ge=1)
+    max_answer_chars: int = Field(2000, ge=1)
+    cache: Path | None = None  # answer cache (JSON lines); default: beside --out, *.cache.jsonl
+
+    @model_validator(mode="after")
+    def _check(self) -> Distill:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")
+        if self.min_answer_chars > self.max_answer_chars:
+            raise ValueError("min_answer_chars must not exceed max_answer_chars")
+        return self
 
 
 class Recipe(Strict):
     model: Model = Model()
     data: Data
     training: Training = Training()
+    distill: Distill | None = None
 
     def stage(self, name: str) -> Stage:
         if name not in STAGES:
@@ -157,7 +207,8 @@ class Recipe(Strict):
 
     def digest(self) -> str:
         """A hash of the recipe, so a resumed run can tell that nothing changed."""
-        text = json.dumps(self.to_json(), sort_keys=True).encode()
+        trained = {k: v for k, v in self.to_json().items() if k != "distill"}  # not training
+        text = json.dumps(trained, sort_keys=True).encode()
         return hashlib.sha256(text).hexdigest()[:16]
 
 
@@ -190,7 +241,15 @@ def parse_recipe(data: dict, base_dir: Path, source: str = "<recipe>") -> Recipe
         update={"lm": lm, "vision_weights": _resolve(recipe.model.vision_weights, base_dir)}
     )
     data_section = recipe.data.model_copy(update={"path": _resolve(recipe.data.path, base_dir)})
-    return recipe.model_copy(update={"model": model, "data": data_section})
+    distill = recipe.distill
+    if distill is not None:
+        distill = distill.model_copy(
+            update={
+                "api_key_file": _resolve(distill.api_key_file, base_dir),
+                "cache": _resolve(distill.cache, base_dir),
+            }
+        )
+    return recipe.model_copy(update={"model": model, "data": data_section, "distill": distill})
 
 
 def load_recipe(path: str | Path) -> Recipe:
