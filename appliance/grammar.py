@@ -7,8 +7,8 @@ but it lets raw control characters into strings and ignores numeric bounds, so i
 ``json.loads`` or the schema; this one is strict about both and refuses any keyword it does not
 enforce instead of silently ignoring it.
 
-The output is compact JSON: no whitespace anywhere, properties in declared order, required
-properties only. Strings hold printable characters and the escapes ``\\" \\\\ \\/ \\n \\r \\t``
+The output is compact JSON: no whitespace anywhere, properties in declared order, optional
+properties allowed (each may be left out). Strings hold printable characters and the escapes ``\\" \\\\ \\/ \\n \\r \\t``
 (never a raw U+0000-U+001F or U+007F). Numbers have no exponent, at most ``MAX_FRACTION_DIGITS``
 fraction digits, and integer parts of at most ``MAX_INT_DIGITS`` digits when the schema gives no
 bound, so every value the grammar admits lies within ``minimum``/``maximum``.
@@ -127,17 +127,17 @@ class _GrammarBuilder:
         missing = [key for key in required if key not in properties]
         if missing:
             raise ValueError(f"'required' at {path} names {missing} missing from 'properties'")
-        members = []
-        for key in (key for key in properties if key in required):
+        members = []  # (rule text "key":value, required), in declared order
+        for key in properties:
             rule = self.define(
                 f"{name}-{key}" if name != "root" else key,
                 properties[key],
                 f"{path}/properties/{key}",
             )
-            members.append(f"{_literal(json.dumps(key) + ':')} {rule}")
+            members.append((f"{_literal(json.dumps(key) + ':')} {rule}", key in required))
         if not members:
             return '"{}"'
-        return '"{" ' + ' "," '.join(members) + ' "}"'
+        return '"{" ' + _members(members) + ' "}"'
 
     def _array(self, schema: dict, path: str, name: str) -> str:
         low, high = _bounds(schema, "minItems", "maxItems", path)
@@ -149,6 +149,39 @@ class _GrammarBuilder:
         rest = _repeat(f'("," {item})', max(low - 1, 0), None if high is None else high - 1)
         body = " ".join(part for part in (item, rest) if part)
         return f'"[" {body} "]"' if low > 0 else f'"[" ({body})? "]"'
+
+
+THINK_ANSWER_ROOT = "envelope"
+
+
+def think_answer_gbnf(gbnf: str, max_think_chars: int = 1000) -> str:
+    """``gbnf`` (start symbol ``root``) inside GRPO's ``<think>...</think><answer>...</answer>``
+    envelope; start symbol ``THINK_ANSWER_ROOT``. The reasoning is bounded and holds no ``<``."""
+    if max_think_chars > MAX_REPETITION:
+        raise ValueError(f"max_think_chars exceeds {MAX_REPETITION}")
+    return (
+        gbnf
+        + f'{THINK_ANSWER_ROOT} ::= "<think>" think-char{{0,{max_think_chars}}} '
+        + '"</think><answer>" root "</answer>"\n'
+        + "think-char ::= [^<\\x00-\\x08\\x0B-\\x1F\\x7F]\n"
+    )
+
+
+def _members(members: list[tuple[str, bool]]) -> str:
+    """Object members in declared order; optional ones may be left out, commas stay right.
+
+    The first member written is any optional one before the first required member (or the first
+    required member itself); every later member follows with a comma, optional ones in ``(...)?``.
+    With no required member the object may be empty.
+    """
+    first_required = next((i for i, (_, req) in enumerate(members) if req), len(members))
+    alternatives = []
+    for start in range(min(first_required, len(members) - 1) + 1):
+        rest = [f'"," {rule}' if req else f'("," {rule})?' for rule, req in members[start + 1 :]]
+        alternatives.append(" ".join([members[start][0], *rest]))
+    if first_required < len(members):
+        return _group(alternatives)
+    return "(" + " | ".join(alternatives) + ")?"
 
 
 def _type_keywords(kind: object, path: str) -> set[str]:

@@ -175,7 +175,19 @@ def test_narrative_grammar_is_compact_ordered_and_bounded():
             {"type": "array", "items": {"const": 0}, "maxItems": 2},
             ('root ::= "[" (root-item ("," root-item)?)? "]"\nroot-item ::= "0"\n'),
         ),
-        ({"type": "object", "properties": {"a": {"type": "null"}}}, 'root ::= "{}"\n'),
+        (
+            {"type": "object", "properties": {"a": {"type": "null"}}},
+            'root ::= "{" ("\\"a\\":" a)? "}"\na ::= "null"\n',
+        ),
+        (
+            {
+                "type": "object",
+                "required": ["b"],
+                "properties": {"a": {"const": 1}, "b": {"const": 2}, "c": {"const": 3}},
+            },
+            'root ::= "{" ("\\"a\\":" a "," "\\"b\\":" b ("," "\\"c\\":" c)? | '
+            '"\\"b\\":" b ("," "\\"c\\":" c)?) "}"\na ::= "1"\nb ::= "2"\nc ::= "3"\n',
+        ),
         (
             {
                 "oneOf": [
