@@ -1,4 +1,5 @@
-"""The ``appliance`` command: run, inspect, enroll, schema, check-config, status, train, demo."""
+"""The ``appliance`` command: run, inspect, enroll, schema, check-config, status, demo; and, with
+the train extra, train, distill, eval and export."""
 
 from __future__ import annotations
 
@@ -159,23 +160,95 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _train_side(command: str, *modules: str) -> list | None:
+    """Import train/export modules lazily; None (after saying which extra to install) if missing."""
+    import importlib
+
     try:
-        from train.checkpoint import CheckpointError
-        from train.cli import run_train
-        from train.data import DataError
+        return [importlib.import_module(name) for name in modules]
     except ImportError as exc:
         print(
-            f"`appliance train` needs the train extra ({exc.name} is missing): "
+            f"`appliance {command}` needs the train extra ({exc.name} is missing): "
             "pip install 'inspection-appliance[train]'",
             file=sys.stderr,
         )
+        return None
+
+
+def cmd_train(args) -> int:
+    modules = _train_side("train", "train.checkpoint", "train.cli", "train.data")
+    if modules is None:
         return 2
+    checkpoint, cli, data = modules
     try:
-        run_train(args.stage, args.recipe, args.out, args.from_ckpt)
-    except (CheckpointError, DataError, ValueError) as exc:
+        cli.run_train(args.stage, args.recipe, args.out, args.from_ckpt)
+    except (checkpoint.CheckpointError, data.DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_distill(args) -> int:
+    modules = _train_side(
+        "distill", "train.chat_client", "train.data", "train.distill", "train.recipe"
+    )
+    if modules is None:
+        return 2
+    client, data, distill, recipe = modules
+    _setup_logging("WARNING")
+    try:
+        tally = distill.run_distill(
+            recipe.load_recipe(args.recipe),
+            Path(args.out),
+            questions_per_image=args.questions_per_image,
+            limit=args.limit,
+        )
+    except (client.TeacherError, data.DataError, ValueError) as exc:  # RecipeError: ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {tally.summary()}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    modules = _train_side("eval", "train.data", "train.evaluate")
+    if modules is None:
+        return 2
+    data, evaluate = modules
+    try:
+        evaluate.run_eval(args)
+    except (data.DataError, ValueError, OSError) as exc:  # DataError says path:line: why
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.formats:
+        from export.formats import export_formats_table
+
+        print(export_formats_table())
+        return 0
+    if not (args.checkpoint and args.out):
+        print("export needs --checkpoint DIR and --out BUNDLE", file=sys.stderr)
+        return 2
+    modules = _train_side("export", "export.inspector_bundle", "train.checkpoint")
+    if modules is None:
+        return 2
+    exporter, checkpoint = modules
+    _setup_logging("INFO")
+    try:
+        bundle = exporter.export_bundle(
+            Path(args.checkpoint),
+            Path(args.out),
+            quant=args.quant,
+            tensorrt=args.tensorrt,
+            max_tokens=args.max_tokens,
+        )
+    except (exporter.ExportError, checkpoint.CheckpointError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    print(exporter.summary(bundle))
     return 0
 
 
@@ -216,11 +289,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", type=int, default=10)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("train", help="fine-tune an inspector (needs the train extra)")
-    p.add_argument("--stage", required=True, choices=["detect", "knowledge"])
+    p.add_argument("--stage", required=True, choices=["detect", "knowledge", "grpo"])
     p.add_argument("--recipe", required=True)
     p.add_argument("--out", required=True, help="checkpoint directory (resumed if unfinished)")
     p.add_argument("--from", dest="from_ckpt", help="checkpoint of the previous stage")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("distill", help="stage-2 data: teacher answers to sampled questions")
+    p.add_argument("--recipe", required=True, help="recipe TOML with a [distill] section")
+    p.add_argument("--out", required=True, help="records .jsonl to write (answers cached beside)")
+    p.add_argument("--questions-per-image", type=int, help="overrides distill.questions_per_image")
+    p.add_argument("--limit", type=int, help="distil only the first N images")
+    p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("eval", help="score reports against a ground-truth data set (train extra)")
+    p.add_argument("--reports", required=True, help="appliance reports, one JSON per line")
+    p.add_argument("--data", required=True, help="the ground-truth data set")
+    p.add_argument("--format", default="records", help="yolo|voc|coco|labelme|records")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--config", help="check reports against this config's taxonomy")
+    p.add_argument("--classes", help="yolo: comma-separated class names (else classes.txt)")
+    p.add_argument("--images-dir", help="coco: folder of the images")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge model")
+    p.add_argument("--judge-model", help="the judge's model name")
+    p.add_argument("--judge-key-file", help="file holding the judge's API key")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="turn a trained checkpoint into a bundle (train extra)")
+    p.add_argument("--checkpoint", help="checkpoint directory from `appliance train`")
+    p.add_argument("--out", help="bundle directory to write (must not exist)")
+    p.add_argument("--quant", default="Q8_0", choices=["F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M"])
+    p.add_argument("--tensorrt", choices=["fp16", "int8"], help="also build a vision engine")
+    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit at serving")
+    p.add_argument("--formats", action="store_true", help="print the export formats table")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="enroll, run the daemon, drop sample images, show reports")
     p.add_argument("--workspace")
     p.add_argument("--count", type=int, default=6)

@@ -17,7 +17,7 @@ from pathlib import Path
 from appliance.backends.onnxrt import resolve_providers
 from appliance.bundle import load_bundle
 from appliance.config import Config
-from appliance.inspector import Inspector
+from appliance.inspector import open_inspector
 from appliance.mqtt import MqttLink
 from appliance.outbox import Inbox, Outbox, Quarantine
 from appliance.pipeline import Pipeline
@@ -50,7 +50,7 @@ class Daemon:
         log.info(
             "serving bundle %s (%s) from %s", self.bundle.id, self.bundle.kind, self.bundle.path
         )
-        self.inspector = Inspector(
+        self.inspector = open_inspector(
             self.bundle,
             taxonomy=config.taxonomy_obj,
             providers=resolve_providers(config.model.providers, cache_dir=paths["cache"]),

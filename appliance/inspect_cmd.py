@@ -29,10 +29,10 @@ def inspect_files(args) -> int:
         return 2
     try:
         bundle = load_bundle(Path(bundle_dir))
-        from appliance.inspector import Inspector
+        from appliance.inspector import open_inspector
 
         taxonomy = config.taxonomy_obj if config else bundle.taxonomy
-        inspector = Inspector(
+        inspector = open_inspector(
             bundle,
             taxonomy=taxonomy,
             narrative="never"

@@ -1,7 +1,9 @@
 """The inspector: a served bundle turned into ``Inspection`` results for decoded images.
 
-Bundle kinds are chosen by name (``KINDS``); the embedded default is ``memory-bank``: few-shot anomaly
-detection on an ONNX backbone, plus an optional narrative from a small language model on llama.cpp.
+Bundle kinds are chosen by name (``KINDS``, ``open_inspector``): the embedded default is
+``memory-bank`` (few-shot anomaly detection on an ONNX backbone, plus an optional narrative from a
+small language model on llama.cpp); ``vlm`` is a trained vision-language inspector exported by
+``appliance export`` (``appliance.vlm``). Both answer ``inspect_batch(images, contexts)``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,41 @@ log = logging.getLogger(__name__)
 NARRATIVE_MODES = ("defective", "always", "never")
 
 
+def open_inspector(
+    bundle: Bundle,
+    *,
+    taxonomy: Taxonomy,
+    providers: list | None = None,
+    narrative: str = "defective",
+    narrative_gguf: Path | None = None,
+    n_threads: int | None = None,
+    n_gpu_layers: int = 0,
+    heatmaps: bool = True,
+):
+    """The inspector for ``bundle``'s kind; refuses a bundle whose taxonomy the config lacks."""
+    if bundle.kind not in KINDS:
+        raise BundleError(f"{bundle.path}: bundle kind {bundle.kind!r} is not one of {KINDS}")
+    if not taxonomy.covers(bundle.taxonomy):
+        raise BundleError(
+            f"{bundle.path}: the bundle's taxonomy {bundle.taxonomy.to_dict()} is not covered "
+            f"by the configured [taxonomy] {taxonomy.to_dict()}"
+        )
+    if bundle.kind == "vlm":
+        from appliance.vlm import open_vlm
+
+        return open_vlm(bundle, providers=providers, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    return Inspector(
+        bundle,
+        taxonomy=taxonomy,
+        providers=providers,
+        narrative=narrative,
+        narrative_gguf=narrative_gguf,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        heatmaps=heatmaps,
+    )
+
+
 class Inspector:
     """Runs a memory-bank bundle: anomaly detection, boxes, and the narrative."""
 
@@ -34,13 +71,8 @@ class Inspector:
         n_gpu_layers: int = 0,
         heatmaps: bool = True,
     ):
-        if bundle.kind not in KINDS:
-            raise BundleError(f"{bundle.path}: bundle kind {bundle.kind!r} is not one of {KINDS}")
-        if not taxonomy.covers(bundle.taxonomy):
-            raise BundleError(
-                f"{bundle.path}: the bundle's taxonomy {bundle.taxonomy.to_dict()} is not covered "
-                f"by the configured [taxonomy] {taxonomy.to_dict()}"
-            )
+        if bundle.kind != "memory-bank":
+            raise BundleError(f"{bundle.path}: bundle kind {bundle.kind!r} is not memory-bank")
         from appliance.anomaly.detector import AnomalyDetector
 
         self.bundle = bundle
@@ -147,4 +179,4 @@ def _bundle_gguf(bundle: Bundle) -> Path | None:
     return bundle.file(name) if name else None
 
 
-KINDS = ("memory-bank",)
+KINDS = ("memory-bank", "vlm")

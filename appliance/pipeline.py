@@ -211,6 +211,9 @@ class Pipeline:
                 self._inspect([entry])
             return
         for entry, inspection in zip(entries, inspections, strict=True):
+            if inspection.error is not None:
+                self._finish_error(entry, *inspection.error)
+                continue
             inspection.timings_ms["decode"] = entry.timings_ms["decode"]
             inspection.timings_ms["total"] = sum(
                 v for k, v in inspection.timings_ms.items() if k != "total"

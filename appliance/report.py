@@ -44,6 +44,8 @@ class Inspection:
     narrative: dict | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     heatmap_png: bytes | None = None
+    # (error code, message) when this image could not be inspected though its batch was
+    error: tuple[str, str] | None = None
 
 
 def report_id(image_sha256: str, bundle_id: str) -> str:

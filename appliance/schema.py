@@ -31,7 +31,16 @@ ERROR_CODES = (
     "inference_failed",
     "invalid_report",
 )
-TIMING_STAGES = ("decode", "preprocess", "vision", "anomaly", "narrative", "total")
+TIMING_STAGES = (
+    "decode",
+    "preprocess",
+    "vision",
+    "anomaly",
+    "prefill",
+    "generation",
+    "narrative",
+    "total",
+)
 # Bounds of the narrative, shared by the schema and the grammar that generates it.
 NARRATIVE_LIMITS = {"summary": 280, "item": 140, "max_items": 3}
 
