@@ -160,6 +160,40 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_bundles(args) -> int:
+    from appliance.bundle import BundleError
+    from appliance.registry import BundleRegistry, RegistryError
+
+    config = load_config(_config_path(args.config), check_paths=False)
+    registry = BundleRegistry(config.state.dir)
+    who = os.environ.get("USER") or "unknown"
+    try:
+        if args.action == "install":
+            bundle = registry.install(Path(args.target))
+            print(f"installed {bundle.id}")
+            if args.promote:
+                registry.adopt(config.model.bundle, by=who)
+                registry.promote(bundle.id, by=who, reason="installed by hand")
+                print(f"active: {bundle.id}")
+        elif args.action == "rollback":
+            print(f"active: {registry.rollback(args.target, by=who)}")
+        else:
+            entries = registry.entries()
+            if args.json:
+                print(json.dumps([{**e.__dict__, "path": str(e.path)} for e in entries]))
+                return 0
+            if not entries:
+                print(f"no bundles installed; serving [model] bundle = {config.model.bundle}")
+            for e in entries:
+                mark = "*" if e.active else " "
+                summary = " ".join(f"{k}={v}" for k, v in e.summary.items())
+                print(f"{mark} {e.id}  {e.kind:<12} {e.created_at}  {summary}")
+    except (RegistryError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _train_side(command: str, *modules: str) -> list | None:
     """Import train/export modules lazily; None (after saying which extra to install) if missing."""
     import importlib
@@ -320,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="answer length limit at serving")
     p.add_argument("--formats", action="store_true", help="print the export formats table")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("bundles", help="installed bundles: list, install, rollback")
+    p.add_argument("action", choices=["list", "install", "rollback"])
+    p.add_argument("target", nargs="?", help="install: bundle dir; rollback: bundle id")
+    p.add_argument("--promote", action="store_true", help="install: make it active at once")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bundles)
     p = sub.add_parser("demo", help="enroll, run the daemon, drop sample images, show reports")
     p.add_argument("--workspace")
     p.add_argument("--count", type=int, default=6)

@@ -21,11 +21,13 @@ from appliance.inspector import open_inspector
 from appliance.mqtt import MqttLink
 from appliance.outbox import Inbox, Outbox, Quarantine
 from appliance.pipeline import Pipeline
+from appliance.registry import BundleRegistry
 from appliance.sdnotify import notify, watchdog_interval_s
 from appliance.sources.folder import FolderWatcher
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
+CONTROL_POLL_S = 1.0  # how often the registry (promotions, pause requests) is looked at
 
 
 def state_paths(config: Config) -> dict[str, Path]:
@@ -46,20 +48,11 @@ class Daemon:
         paths = state_paths(config)
         self.store = Store(paths["db"])
         self.inbox = Inbox(paths["inbox"])
-        self.bundle = load_bundle(config.model.bundle)
-        log.info(
-            "serving bundle %s (%s) from %s", self.bundle.id, self.bundle.kind, self.bundle.path
-        )
-        self.inspector = open_inspector(
-            self.bundle,
-            taxonomy=config.taxonomy_obj,
-            providers=resolve_providers(config.model.providers, cache_dir=paths["cache"]),
-            narrative=config.model.narrative,
-            narrative_gguf=config.model.narrative_gguf,
-            n_threads=config.model.n_threads,
-            n_gpu_layers=config.model.n_gpu_layers,
-            heatmaps=config.outbox.heatmaps,
-        )
+        self.providers = resolve_providers(config.model.providers, cache_dir=paths["cache"])
+        self.registry = BundleRegistry(config.state.dir)
+        self.generation = self.registry.generation()
+        self.paused = False
+        self.inspector = self._open(self.registry.active_path() or config.model.bundle)
         mqtt_source = config.sources.mqtt
         self.pipeline = Pipeline(
             store=self.store,
@@ -85,6 +78,57 @@ class Daemon:
                 image_topics=mqtt_source.topics if mqtt_source else [],
                 on_image=self._on_mqtt_image,
             )
+
+    def _open(self, bundle_dir: Path):
+        bundle = load_bundle(bundle_dir)
+        log.info("serving bundle %s (%s) from %s", bundle.id, bundle.kind, bundle.path)
+        return open_inspector(
+            bundle,
+            taxonomy=self.config.taxonomy_obj,
+            providers=self.providers,
+            narrative=self.config.model.narrative,
+            narrative_gguf=self.config.model.narrative_gguf,
+            n_threads=self.config.model.n_threads,
+            n_gpu_layers=self.config.model.n_gpu_layers,
+            heatmaps=self.config.outbox.heatmaps,
+        )
+
+    def _maybe_pause(self) -> bool:
+        """Unload the models while retraining asks for the GPU; reload when it is done (or dead).
+        Images keep queueing meanwhile. Returns True while paused."""
+        request = self.registry.pause_requested()
+        if request and not self.paused:
+            log.info("pausing inspection for %s (pid %s)", request["reason"], request["pid"])
+            self.inspector.close()
+            self.paused = True
+            notify("STATUS=paused: " + str(request["reason"]))
+        elif not request and self.paused:
+            log.info("resuming inspection")
+            self.generation = self.registry.generation()
+            self.inspector = self._open(self.registry.active_path() or self.config.model.bundle)
+            self.pipeline.inspector = self.inspector
+            self.paused = False
+            notify("STATUS=inspecting")
+        return self.paused
+
+    def _maybe_switch(self) -> None:
+        """Serve the registry's active bundle once it changes (promotion or rollback)."""
+        generation = self.registry.generation()
+        if generation == self.generation:
+            return
+        self.generation = generation
+        path = self.registry.active_path()
+        if path is None:
+            return
+        try:
+            fresh = self._open(path)
+        except Exception:  # noqa: BLE001 - a bad bundle must not stop inspection with the old one
+            log.exception("cannot serve the promoted bundle %s; keeping the current one", path)
+            return
+        old, self.inspector = self.inspector, fresh
+        self.pipeline.inspector = fresh
+        old.close()
+        log.info("switched to bundle %s", fresh.bundle_ref["id"])
 
     def _report_ready(self) -> None:
         if self.link is not None:
@@ -126,7 +170,8 @@ class Daemon:
             watcher.stop()
         if self.link:
             self.link.stop()
-        self.inspector.close()
+        if not self.paused:
+            self.inspector.close()
         self.store.close()
 
     def run_forever(self) -> None:
@@ -134,13 +179,20 @@ class Daemon:
             signal.signal(sig, lambda *_: (self.stop_event.set(), self.wake.set()))
         self.start()
         ping_every = watchdog_interval_s()
-        last_ping = 0.0
+        last_ping = last_control = 0.0
         batch = self.config.ingest.batch_size
         try:
             while not self.stop_event.is_set():
                 if ping_every and time.monotonic() - last_ping >= ping_every:
                     notify("WATCHDOG=1")
                     last_ping = time.monotonic()
+                if time.monotonic() - last_control >= CONTROL_POLL_S:
+                    last_control = time.monotonic()
+                    if not self._maybe_pause():
+                        self._maybe_switch()
+                if self.paused:  # images keep queueing; nothing is inspected
+                    self.stop_event.wait(CONTROL_POLL_S)
+                    continue
                 if self.pipeline.run_once(batch) == 0:
                     self.wake.wait(0.5)
                     self.wake.clear()
