@@ -20,18 +20,29 @@ OPSET = 17
 
 
 class VisionGraph(nn.Module):
-    def __init__(self, inspector: nn.Module) -> None:
+    """``Inspector.encode_images`` for one fixed input size, with the adaptive pool written as a
+    fixed pooling matrix: the same numbers, and a graph every exporter and runtime handles (the
+    TorchScript exporter cannot export an adaptive pool behind TF "SAME" padding)."""
+
+    def __init__(self, inspector: nn.Module, input_size: tuple[int, int]) -> None:
         super().__init__()
         self.inspector = inspector
+        width, height = input_size
+        with torch.no_grad():
+            _, _, h, w = inspector.vision(torch.zeros(1, 3, height, width)).shape
+            basis = torch.eye(h * w).view(h * w, 1, h, w)
+            pool = nn.functional.adaptive_avg_pool2d(basis, inspector.image_grid)
+        self.register_buffer("pool", pool.reshape(h * w, -1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.inspector.encode_images(pixels)
+        features = self.inspector.vision(pixels).flatten(2) @ self.pool  # B x C x k*k
+        return self.inspector.projector(features.transpose(1, 2))
 
 
 def export_vision_onnx(inspector: nn.Module, input_size: tuple[int, int], out: Path) -> Path:
     """Write the vision graph for inputs of ``input_size`` (width, height); returns ``out``."""
     width, height = input_size
-    graph = VisionGraph(inspector).eval()
+    graph = VisionGraph(inspector, input_size).eval()
     example = torch.zeros(2, 3, height, width)
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter: fast, and exact for these plain conv/pool/linear graphs.

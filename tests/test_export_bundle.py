@@ -314,3 +314,20 @@ def test_export_command_lists_formats_and_names_a_bad_checkpoint(tmp_path) -> No
         cwd=REPO,
     )
     assert bad.returncode == 2 and "is not an inspector checkpoint" in bad.stderr
+
+
+def test_efficientnet_vision_exports_within_parity(records, tmp_path) -> None:
+    from export.vision import export_vision_onnx, probe_pixels, vision_parity
+    from train.model import build_inspector
+    from train.tokenizer import tiny_tokenizer
+
+    data = recipe_dict(records)
+    data["model"]["vision"] = "efficientnet_lite0"
+    data["model"]["image_grid"] = 3  # 7 x 5 feature map → uneven adaptive bins
+    data["data"]["input_size"] = [224, 160]
+    recipe = parse_recipe(data, records.parent)
+    model = build_inspector(recipe.model, tiny_tokenizer()).eval()
+    path = export_vision_onnx(model, (224, 160), tmp_path / "vision.onnx")
+    parity = vision_parity(model, path, probe_pixels((224, 160), n=2))
+    assert parity["max_abs_diff"] < 1e-4 * max(1.0, parity["scale"]), parity
+    assert parity["min_cosine"] > 0.99999
