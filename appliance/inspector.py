@@ -71,12 +71,17 @@ class Inspector:
         n_gpu_layers: int = 0,
         heatmaps: bool = True,
     ):
-        if bundle.kind != "memory-bank":
+        if bundle.kind not in ("memory-bank", "clip-anomaly"):
             raise BundleError(f"{bundle.path}: bundle kind {bundle.kind!r} is not memory-bank")
         from appliance.anomaly.detector import AnomalyDetector
 
         self.bundle = bundle
-        self.detector = AnomalyDetector(bundle, providers=providers)
+        if bundle.kind == "clip-anomaly":  # seed 002's CLIP branch (appliance.anomaly.clip_branch)
+            from appliance.anomaly.clip_branch import ClipAnomalyDetector
+
+            self.detector = ClipAnomalyDetector(bundle, providers=providers)
+        else:
+            self.detector = AnomalyDetector(bundle, providers=providers)
         self.narrative_mode = narrative
         self.heatmaps = heatmaps
         self.writer = None
@@ -116,7 +121,8 @@ class Inspector:
             regions = result.regions or [_whole_image(image, result)]
             defects = [
                 {
-                    "label": ANOMALY_LABEL,
+                    # the CLIP branch names the taxonomy label its text side reads
+                    "label": getattr(result, "label", ANOMALY_LABEL),
                     "bbox": [round(float(v), 1) for v in region.bbox],
                     "score": round(float(region.score), 4),
                     "attributes": {},
@@ -179,4 +185,4 @@ def _bundle_gguf(bundle: Bundle) -> Path | None:
     return bundle.file(name) if name else None
 
 
-KINDS = ("memory-bank", "vlm")
+KINDS = ("memory-bank", "vlm", "clip-anomaly")

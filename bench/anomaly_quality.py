@@ -278,6 +278,16 @@ def measure_latency(extractor, model, features, dataset, shots, test, config, co
     return latency_ms(ours, images), latency_ms(theirs, images)
 
 
+def load_split(args, size: tuple[int, int]):
+    """Normal and defective paths, all paths, image labels and pixel masks (normal: empty)."""
+    normal, defective = list_images(args.data, args.normal_step, args.defect_step)
+    paths = normal + defective
+    labels = np.array([0] * len(normal) + [1] * len(defective))
+    masks = np.stack([load_mask(p, size, args.pixel_stride) for p in paths])
+    masks[: len(normal)] = False  # MT_Free masks are empty; make it explicit
+    return normal, defective, paths, labels, masks
+
+
 def run(args) -> dict:
     import torch
 
@@ -286,11 +296,7 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     size = (args.size, args.size)
-    normal, defective = list_images(args.data, args.normal_step, args.defect_step)
-    paths = normal + defective
-    labels = np.array([0] * len(normal) + [1] * len(defective))
-    masks = np.stack([load_mask(p, size, args.pixel_stride) for p in paths])
-    masks[: len(normal)] = False  # MT_Free masks are empty; make it explicit
+    normal, defective, paths, labels, masks = load_split(args, size)
     dataset = Dataset(paths, labels, masks)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = build_backbone_onnx(Path(tmp) / "backbone.onnx")

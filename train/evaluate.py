@@ -26,6 +26,7 @@ from appliance import metrics
 from appliance.metrics import Detection, GroundTruth
 from appliance.schema import report_problems
 from appliance.taxonomy import Taxonomy
+from train.clip_anomaly.evaluate import anomaly_metrics
 from train.data import FORMATS, DataError, Record, read_dataset
 
 MALFORMED = "<malformed>"  # the label of a reported defect without a usable label or box
@@ -388,6 +389,11 @@ def format_table(result: dict) -> str:
         f"attribute F1 (macro)          {attrs}",
         f"schema-valid reports          {_fmt(valid).strip()} (taxonomy: {result['taxonomy']})",
     ]
+    if result.get("image_auroc") is not None:
+        lines.append(
+            f"image AUROC (anomaly score)   {_fmt(result['image_auroc']).strip()} "
+            f"({result['anomaly_images']} reports with an anomaly section)"
+        )
     if "judge_score" in result:
         lines.append(
             f"judge score (1-10)            {_fmt(result['judge_score']).strip()} "
@@ -433,6 +439,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         "images_without_report": len(records) - len(pairs),
         "error_reports": sum(p.report.report.get("verdict") == "error" for p in pairs),
         **evaluate(pairs),
+        # image AUROC of the anomaly score (memory-bank and CLIP bundles), description accuracy
+        **anomaly_metrics(pairs, list(taxonomy.labels) if taxonomy else []),
         "schema_valid_rate": None if taxonomy is None else 1 - len(problems) / len(reports),
         "schema_problems": {str(line): found[:5] for line, found in problems.items()},
         "taxonomy": taxonomy_source,
