@@ -140,6 +140,25 @@ class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class FeedbackConfig(Section):
+    mqtt: bool = Field(default=True, description="take feedback on the feedback topic")
+    topic: str | None = Field(default=None, description="default {mqtt.topic_prefix}/feedback")
+    keep_mqtt_images_days: float = Field(
+        default=2.0, ge=0, description="keep MQTT images this long for review (0: not at all)"
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _plain_topic(cls, topic: str | None) -> str | None:
+        if topic is not None and (not topic or set(topic) & {"+", "#", "\0"}):
+            raise ValueError("must be a non-empty topic without wildcards (+ or #)")
+        return topic
+
+    def topic_for(self, mqtt: MqttConfig) -> str:
+        """Where feedback arrives; outcomes go to ``{topic}/ack``."""
+        return self.topic or f"{mqtt.topic_prefix}/feedback"
+
+
 class Config(Section):
     state: StateConfig
     sources: Sources = Field(default_factory=Sources)
@@ -149,6 +168,7 @@ class Config(Section):
     model: ModelConfig
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     @property
     def taxonomy_obj(self) -> Taxonomy:

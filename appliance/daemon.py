@@ -8,6 +8,7 @@ and pings systemd's watchdog. SIGTERM/SIGINT finish the batch in hand, then stop
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 from appliance.backends.onnxrt import resolve_providers
 from appliance.bundle import load_bundle
 from appliance.config import Config
+from appliance.feedback_store import FeedbackService, ReceivedImages
 from appliance.inspector import open_inspector
 from appliance.mqtt import MqttLink
 from appliance.outbox import Inbox, Outbox, Quarantine
@@ -37,6 +39,7 @@ def state_paths(config: Config) -> dict[str, Path]:
         "inbox": root / "inbox",
         "quarantine": root / "quarantine",
         "cache": root / "cache",
+        "feedback": root / "feedback",
     }
 
 
@@ -70,13 +73,23 @@ class Daemon:
         self.watchers = [
             FolderWatcher(f, self.store, on_enqueued=self.wake.set) for f in config.sources.folder
         ]
+        self.received = ReceivedImages(
+            paths["feedback"] / "received", config.feedback.keep_mqtt_images_days
+        )
+        self.feedback = None
+        self.feedback_topic = config.feedback.topic_for(config.mqtt)
+        if config.mqtt.enabled and config.feedback.mqtt:
+            self.feedback = FeedbackService.open(
+                paths["feedback"], paths["db"], config.outbox.dir, config.taxonomy_obj
+            )
         self.link = None
         if config.mqtt.enabled:
             self.link = MqttLink(
                 config.mqtt,
                 self.store,
-                image_topics=mqtt_source.topics if mqtt_source else [],
-                on_image=self._on_mqtt_image,
+                image_topics=(mqtt_source.topics if mqtt_source else [])
+                + ([self.feedback_topic] if self.feedback else []),
+                on_image=self._on_mqtt_message,
             )
 
     def _open(self, bundle_dir: Path):
@@ -134,6 +147,23 @@ class Daemon:
         if self.link is not None:
             self.link.wake()
 
+    def _on_mqtt_message(self, topic: str, payload: bytes) -> None:
+        if self.feedback is not None and topic == self.feedback_topic:
+            self._on_feedback(payload)
+        else:
+            self._on_mqtt_image(topic, payload)
+
+    def _on_feedback(self, payload: bytes) -> None:
+        """Record, then answer on ``{topic}/ack``; the caller acknowledges the broker after."""
+        try:
+            ack = self.feedback.handle_message(payload)
+        except OSError:
+            raise  # not acknowledged: the broker redelivers it
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the MQTT thread
+            log.exception("feedback message could not be handled")
+            ack = {"status": "rejected", "reason": f"internal error: {exc}", "problems": []}
+        self.link.client.publish(f"{self.feedback_topic}/ack", json.dumps(ack), qos=1)
+
     def _on_mqtt_image(self, topic: str, payload: bytes) -> None:
         """Persist first, then queue; the caller acknowledges the broker after we return."""
         sha = hashlib.sha256(payload).hexdigest()
@@ -141,6 +171,7 @@ class Daemon:
         if self.store.known(fingerprint):
             return
         path = self.inbox.store(fingerprint.replace(":", "-")[5:], payload)
+        self.received.keep(path)  # for `appliance review`: the pipeline drops the inbox copy
         source = self.config.sources.mqtt
         self.store.enqueue(
             fingerprint=fingerprint,

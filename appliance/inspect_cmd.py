@@ -80,6 +80,9 @@ def inspect_paths(paths: list[Path], inspector, taxonomy) -> list[dict]:
         for (index, source, sha, decoded, decode_ms), inspection in zip(
             good, inspections, strict=True
         ):
+            if inspection.error is not None:  # this image only: the others keep their reports
+                slots[index] = _error(source, b"", inspector, *inspection.error, taxonomy, sha)
+                continue
             inspection.timings_ms["decode"] = decode_ms
             inspection.timings_ms["total"] = sum(inspection.timings_ms.values())
             image = image_info(sha, decoded.width, decoded.height, decoded.format, decoded.mode)
@@ -91,10 +94,10 @@ def inspect_paths(paths: list[Path], inspector, taxonomy) -> list[dict]:
     return slots
 
 
-def _error(source, data, inspector, code, message, taxonomy) -> dict:
+def _error(source, data, inspector, code, message, taxonomy, sha256: str | None = None) -> dict:
     report = error_report(
         source=source,
-        image_sha256=hashlib.sha256(data).hexdigest(),
+        image_sha256=sha256 or hashlib.sha256(data).hexdigest(),
         bundle=inspector.bundle_ref,
         code=code,
         message=message,

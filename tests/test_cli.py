@@ -13,13 +13,14 @@ from appliance.taxonomy import Taxonomy
 from .conftest import REPO, save_png, wait_for, write_config
 
 
-def run_cli(*args, check=True):
+def run_cli(*args, check=True, env=None):
     return subprocess.run(
         [sys.executable, "-m", "appliance", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=check,
+        env=env,
     )
 
 
