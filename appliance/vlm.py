@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,28 @@ log = logging.getLogger(__name__)
 KIND = "vlm"
 
 
-def preprocess(rgb: np.ndarray, input_size: tuple[int, int], mean: float, std: float) -> np.ndarray:
-    """H x W x 3 uint8 → 3 x H' x W' float32, as the training code prepares images."""
+def preprocess(
+    rgb: np.ndarray,
+    input_size: tuple[int, int],
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+) -> np.ndarray:
+    """H x W x 3 uint8 → 3 x H' x W' float32, as the training code prepares images; ``mean`` and
+    ``std`` are one value for all channels or one per RGB channel."""
     image = Image.fromarray(rgb).convert("RGB").resize(input_size, Image.Resampling.BILINEAR)
     x = np.asarray(image, dtype=np.float32) / 255.0
+    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
     return ((x - mean) / std).transpose(2, 0, 1).copy()
+
+
+def _channels(section: dict, key: str) -> float | tuple[float, ...]:
+    """A manifest's mean or std: a number (older bundles) or a list of three."""
+    value = section["preprocess"][key]
+    if isinstance(value, list):
+        if len(value) != 3:
+            raise BundleError(f"vlm.preprocess.{key} must be one number or three, got {value!r}")
+        return tuple(float(v) for v in value)
+    return float(value)
 
 
 def segments_from_manifest(bundle: Bundle, section: dict) -> list[Segment]:
@@ -111,8 +129,8 @@ class VisionLanguageInspector:
         self.section = section
         self.taxonomy = bundle.taxonomy
         self.input_size = tuple(section["preprocess"]["input_size"])
-        self.mean = float(section["preprocess"]["mean"])
-        self.std = float(section["preprocess"]["std"])
+        self.mean = _channels(section, "mean")
+        self.std = _channels(section, "std")
         self.max_tokens = int(section["max_tokens"])
         self.vision = create_session(
             bundle.file(section["vision"]), providers or ["CPUExecutionProvider"]

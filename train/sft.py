@@ -9,18 +9,25 @@ A plain torch loop, deterministic under the recipe's seed: the order of examples
 function of (seed, epoch), so a run resumed from step ``s`` sees exactly the batches it would
 have seen without the interruption. Checkpoints are written every ``save_every`` steps and at
 the end (``train.checkpoint``); an existing unfinished checkpoint at ``out`` is resumed.
+
+Data parallel by ``accelerate``: the same recipe runs under ``accelerate launch`` or ``torchrun``
+on several processes. Every micro-batch of the recipe (``batch_size`` examples, the global batch)
+is split by index across the processes (``shard``), gradients are averaged by accelerate's DDP,
+the logged loss is the mean over processes, and only the main process prints and saves.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,7 +43,7 @@ from train.checkpoint import (
 from train.data import LabelMap, Record, read_dataset
 from train.model import Example, Inspector, build_inspector, collate, encode_chat, preprocess
 from train.prompts import detection_messages, knowledge_messages
-from train.recipe import Recipe, Stage, Training
+from train.recipe import BACKBONE_NORMALISATION, Recipe, Stage, Training
 from train.tokenizer import build_tokenizer
 
 
@@ -86,9 +93,15 @@ def stage_items(records: list[Record], recipe: Recipe, stage: str, tokenizer) ->
 
 
 @lru_cache(maxsize=1024)
-def load_pixels(image: Path, input_size: tuple[int, int]) -> torch.Tensor:
+def load_pixels(
+    image: Path,
+    input_size: tuple[int, int],
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] = BACKBONE_NORMALISATION,
+) -> torch.Tensor:
+    """The model input of one image file, normalised by ``(mean, std)`` of the vision tower."""
+    mean, std = normalisation
     with Image.open(image) as img:
-        return preprocess(np.asarray(img.convert("RGB")), input_size)
+        return preprocess(np.asarray(img.convert("RGB")), input_size, mean, std)
 
 
 def batch_indices(micro: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -97,6 +110,14 @@ def batch_indices(micro: int, n: int, batch_size: int, seed: int) -> list[int]:
     epoch, position = divmod(micro, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """Process ``rank``'s part of a micro-batch: every ``world``-th index from ``rank``. A batch
+    with fewer examples than processes repeats from its start, so no process is idle."""
+    if len(indices) < world:
+        indices = (indices * world)[:world]
+    return indices[rank::world]
 
 
 def total_steps(n: int, stage: Stage, training: Training) -> int:
@@ -130,8 +151,13 @@ def make_optimizer(params: list[torch.nn.Parameter], training: Training, device:
     return torch.optim.AdamW(params, lr=1.0, weight_decay=training.weight_decay)
 
 
-def start_model(recipe: Recipe, stage: str, out: Path, from_ckpt: Path | None):
-    """(model, tokenizer, trainer state or None, parent): resume ``out``, else start fresh."""
+def start_model(
+    recipe: Recipe, stage: str, out: Path, from_ckpt: Path | None, continue_training: bool = False
+):
+    """(model, tokenizer, trainer state or None, parent): resume ``out``, else start fresh.
+
+    ``continue_training`` (``appliance retrain``): stage detect continues ``from_ckpt``'s weights
+    (LoRA, projector) instead of starting from the base model."""
     if (Path(out) / "meta.json").is_file():
         meta = read_meta(out)
         if meta["stage"] != stage or meta["recipe_digest"] != recipe.digest():
@@ -141,6 +167,11 @@ def start_model(recipe: Recipe, stage: str, out: Path, from_ckpt: Path | None):
             )
         model, tokenizer, _ = load_inspector(out, trainable=True)
         return model, tokenizer, load_trainer_state(out), meta.get("parent")
+    if stage == "detect" and continue_training:
+        if from_ckpt is None:
+            raise CheckpointError("continuing training needs the checkpoint to continue")
+        model, tokenizer, _ = load_inspector(from_ckpt, trainable=True)
+        return model, tokenizer, None, str(from_ckpt)
     if stage == "detect":
         if from_ckpt is not None:
             raise CheckpointError("stage detect starts from the base model; drop --from")
@@ -157,7 +188,7 @@ def start_model(recipe: Recipe, stage: str, out: Path, from_ckpt: Path | None):
     return model, tokenizer, None, str(from_ckpt)
 
 
-def _micro_step(model: Inspector, batch: dict, device: torch.device, bf16: bool) -> torch.Tensor:
+def _micro_step(model: torch.nn.Module, batch: dict, device: torch.device, bf16: bool):
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         return model(**batch).loss
@@ -173,50 +204,64 @@ class Run:
     recipe: Recipe
     stage: str
     device: torch.device
+    accelerator: Accelerator
+
+
+def _batch(run: Run, micro: int) -> dict:
+    """This process's share of micro-batch number ``micro``."""
+    training, acc = run.recipe.training, run.accelerator
+    index = batch_indices(micro, len(run.items), training.batch_size, training.seed)
+    chosen = [run.items[i] for i in shard(index, acc.process_index, acc.num_processes)]
+    size, norm = tuple(run.recipe.data.input_size), run.recipe.model.normalisation
+    return collate(
+        [c.example for c in chosen],
+        [load_pixels(c.image, size, norm) for c in chosen],
+        run.tokenizer.pad_token_id,
+    )
 
 
 def optimizer_step(run: Run, optimizer, step: int, total: int) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (averaged over
+    the processes of a data-parallel run)."""
     training, params = run.recipe.training, [p for p in run.model.parameters() if p.requires_grad]
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, run.recipe.stage(run.stage), total)
-    losses = []
+    losses, acc = [], run.accelerator
     for j in range(training.grad_accum):
-        index = batch_indices(
-            step * training.grad_accum + j, len(run.items), training.batch_size, training.seed
-        )
-        size = tuple(run.recipe.data.input_size)
-        chosen = [run.items[i] for i in index]
-        batch = collate(
-            [c.example for c in chosen],
-            [load_pixels(c.image, size) for c in chosen],
-            run.tokenizer.pad_token_id,
-        )
-        loss = _micro_step(run.model, batch, run.device, training.precision == "bf16")
-        (loss / training.grad_accum).backward()
-        losses.append(float(loss.detach()))
-    torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+        batch = _batch(run, step * training.grad_accum + j)
+        last = j == training.grad_accum - 1
+        with nullcontext() if last else acc.no_sync(run.model):  # all-reduce once per step
+            loss = _micro_step(run.model, batch, run.device, training.precision == "bf16")
+            acc.backward(loss / training.grad_accum)
+        losses.append(loss.detach())
+    acc.clip_grad_norm_(params, training.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(losses) / len(losses)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
 
 
 def prepare(
-    recipe: Recipe, stage: str, out: Path, from_ckpt: Path | None
+    recipe: Recipe,
+    stage: str,
+    out: Path,
+    from_ckpt: Path | None,
+    continue_training: bool = False,
 ) -> tuple[Run, dict | None, str | None]:
     """The run of a stage (model on its device, examples) and the state to resume, if any."""
-    model, tokenizer, state, parent = start_model(recipe, stage, Path(out), from_ckpt)
+    model, tokenizer, state, parent = start_model(
+        recipe, stage, Path(out), from_ckpt, continue_training
+    )
     if recipe.training.gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     items = stage_items(load_records(recipe), recipe, stage, tokenizer)
-    device = _device()
-    return Run(model.to(device), tokenizer, items, recipe, stage, device), state, parent
+    # One process, or those of `accelerate launch` / `torchrun` (gloo on CPU when there is no
+    # GPU: accelerate only distributes CPU processes when told that it runs on the CPU).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    run = Run(model.to(device), tokenizer, items, recipe, stage, device, accelerator)
+    return run, state, parent
 
 
 def train_stage(
@@ -228,15 +273,19 @@ def train_stage(
     stop_at: int | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    continue_training: bool = False,
 ) -> Progress:
     """Train ``stage`` into the checkpoint ``out`` (resuming it when it is unfinished).
 
     ``stop_at`` ends the run after that optimizer step, with a resumable checkpoint, as an
     interruption would; ``on_step(step, loss)`` observes every step."""
-    run, state, parent = prepare(recipe, stage, out, from_ckpt)
+    run, state, parent = prepare(recipe, stage, out, from_ckpt, continue_training)
     total = total_steps(len(run.items), recipe.stage(stage), recipe.training)
     params = [p for p in run.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe.training, run.device)
+    acc = run.accelerator
+    inspector = run.model
+    run.model, optimizer = acc.prepare(run.model, optimizer)  # DDP when several processes
     step, history = 0, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -246,7 +295,13 @@ def train_stage(
         torch.manual_seed(recipe.training.seed)
     end = min(total, stop_at) if stop_at is not None else total
     run.model.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {stage}", unit="step", disable=not progress)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=f"train {stage}",
+        unit="step",
+        disable=not (progress and acc.is_main_process),
+    )
     while step < end:
         loss = optimizer_step(run, optimizer, step, total)
         step += 1
@@ -255,7 +310,7 @@ def train_stage(
         bar.update(1)
         if on_step is not None:
             on_step(step, loss)
-        if step % recipe.training.save_every == 0 or step == end:
+        if (step % recipe.training.save_every == 0 or step == end) and acc.is_main_process:
             snapshot = Progress(stage, step, total, history)
             trainer_state = {
                 "optimizer": optimizer.state_dict(),
@@ -263,7 +318,8 @@ def train_stage(
                 "history": history,
             }
             save_checkpoint(
-                Path(out), run.model, run.tokenizer, recipe, snapshot, trainer_state, parent
+                Path(out), inspector, run.tokenizer, recipe, snapshot, trainer_state, parent
             )
+        acc.wait_for_everyone()
     bar.close()
     return Progress(stage, step, total, history)
