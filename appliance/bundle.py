@@ -99,6 +99,23 @@ def write_manifest(
     return Bundle(bundle_dir, manifest)
 
 
+def amend_manifest(bundle_dir: Path, sections: dict) -> Bundle:
+    """Add or replace manifest sections (and re-hash the files, e.g. a report written beside
+    them), keeping the bundle's id, kind and creation time."""
+    bundle = load_bundle(bundle_dir)
+    manifest = {**bundle.manifest, **sections}
+    files = {}
+    for path in sorted(p for p in Path(bundle_dir).rglob("*") if p.is_file()):
+        if path.name != MANIFEST and not path.name.endswith(".tmp"):
+            rel = path.relative_to(bundle_dir).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest["files"] = files
+    tmp = Path(bundle_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, Path(bundle_dir) / MANIFEST)
+    return Bundle(Path(bundle_dir), manifest)
+
+
 def load_bundle(bundle_dir: Path, *, verify: bool = True) -> Bundle:
     """Read a bundle's manifest and (by default) check every file's size and sha256."""
     bundle_dir = Path(bundle_dir)

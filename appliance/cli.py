@@ -52,8 +52,19 @@ def cmd_schema(args) -> int:
         taxonomy = load_config(Path(args.config), check_paths=False).taxonomy_obj
     else:
         taxonomy = Taxonomy(labels=())
+    if args.feedback:
+        from appliance.feedback import feedback_schema
+
+        print(json.dumps(feedback_schema(taxonomy), indent=2))
+        return 0
     print(json.dumps(report_schema(taxonomy), indent=2))
     return 0
+
+
+def cmd_review(args) -> int:
+    from appliance.review_cmd import run_review
+
+    return run_review(args)
 
 
 def cmd_run(args) -> int:
@@ -278,12 +289,55 @@ def cmd_export(args) -> int:
             quant=args.quant,
             tensorrt=args.tensorrt,
             max_tokens=args.max_tokens,
+            with_checkpoint=args.with_checkpoint,
         )
     except (exporter.ExportError, checkpoint.CheckpointError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
     print(exporter.summary(bundle))
     return 0
+
+
+def cmd_retrain(args) -> int:
+    modules = _train_side("retrain", "train.retrain", "train.checkpoint")
+    if modules is None:
+        return 2
+    retrain, checkpoint = modules
+    import tomllib
+
+    config = load_config(_config_path(args.config))
+    try:
+        data = tomllib.loads(Path(args.recipe).read_text()) if args.recipe else {}
+        unknown = sorted(set(data) - {"retrain"})
+        if unknown:
+            raise retrain.RetrainError(
+                f"{args.recipe}: unknown section(s) {unknown}; use [retrain]"
+            )
+        settings = retrain.RetrainSettings(**data.get("retrain", {}))
+        if args.steps:
+            settings = settings.model_copy(update={"steps": args.steps})
+        result = retrain.run_retrain(
+            config.state.dir,
+            config.model.bundle,
+            config.taxonomy_obj,
+            settings,
+            by=os.environ.get("USER") or "unknown",
+        )
+    except (retrain.RetrainError, checkpoint.CheckpointError, ValueError, OSError) as exc:
+        print(f"retrain failed: {exc}", file=sys.stderr)
+        return 2
+    verdict = f"promoted {result.bundle_id}" if result.promoted else "kept the served bundle"
+    print(f"retrain {result.run_dir.name}: {verdict}")
+    for reason in result.reasons:
+        print(f"  {reason}")
+    for key in ("map50", "f1", "schema_valid_rate"):
+        before, after = result.old.get(key), result.new.get(key)
+        print(
+            f"  {key:<18} {before if before is None else round(before, 4)} → "
+            f"{after if after is None else round(after, 4)}"
+        )
+    print(f"report: {result.report}")
+    return 0 if result.promoted else 1
 
 
 def cmd_demo(args) -> int:
@@ -313,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_enroll)
     p = sub.add_parser("schema", help="print the report JSON Schema")
     p.add_argument("--config")
+    p.add_argument("--feedback", action="store_true", help="the feedback message schema instead")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("path")
@@ -322,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--recent", type=int, default=10)
     p.set_defaults(func=cmd_status)
+    from appliance import review_cmd
+
+    p = sub.add_parser(
+        "review",
+        help="confirm or correct a report; list reports to review; import labelled images",
+        description=review_cmd.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    review_cmd.add_review_arguments(p)
+    p.set_defaults(func=cmd_review)
     p = sub.add_parser("train", help="fine-tune an inspector (needs the train extra)")
     p.add_argument("--stage", required=True, choices=["detect", "knowledge", "grpo"])
     p.add_argument("--recipe", required=True)
@@ -352,8 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="Q8_0", choices=["F32", "F16", "Q8_0", "Q5_K_M", "Q4_K_M"])
     p.add_argument("--tensorrt", choices=["fp16", "int8"], help="also build a vision engine")
     p.add_argument("--max-tokens", type=int, default=512, help="answer length limit at serving")
+    p.add_argument(
+        "--with-checkpoint",
+        action="store_true",
+        help="carry the checkpoint inside the bundle (needed by `appliance retrain`)",
+    )
     p.add_argument("--formats", action="store_true", help="print the export formats table")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("retrain", help="learn from feedback; promote only if not worse")
+    p.add_argument("--config")
+    p.add_argument("--recipe", help="TOML with a [retrain] section (steps, gate, replay, ...)")
+    p.add_argument("--steps", type=int, help="training steps (overrides the recipe)")
+    p.set_defaults(func=cmd_retrain)
     p = sub.add_parser("bundles", help="installed bundles: list, install, rollback")
     p.add_argument("action", choices=["list", "install", "rollback"])
     p.add_argument("target", nargs="?", help="install: bundle dir; rollback: bundle id")
