@@ -6,7 +6,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from appliance.backends.onnxrt import create_session, resolve_providers
+from appliance.backends.onnxrt import (
+    create_session,
+    gpu_and_tensorrt,
+    resolve_providers,
+    tensorrt_cache_key,
+)
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -16,8 +21,19 @@ def test_configured_order_is_kept_when_everything_is_available(tmp_path):
     assert [p[0] if isinstance(p, tuple) else p for p in chosen] == ALL
     trt_options = chosen[0][1]
     assert trt_options["trt_engine_cache_enable"] is True
-    assert trt_options["trt_engine_cache_path"] == str(tmp_path / "tensorrt")
-    assert (tmp_path / "tensorrt").is_dir()
+    key = tensorrt_cache_key(*gpu_and_tensorrt())
+    assert trt_options["trt_engine_cache_path"] == str(tmp_path / "tensorrt" / key)
+    assert (tmp_path / "tensorrt" / key).is_dir()
+
+
+def test_engine_cache_is_keyed_by_gpu_and_tensorrt_version():
+    assert tensorrt_cache_key("NVIDIA GeForce RTX 4090", "10.7.0.23") == (
+        "nvidia-geforce-rtx-4090--trt-10.7.0.23"
+    )
+    assert tensorrt_cache_key("NVIDIA H100 80GB HBM3", "10.7.0") != tensorrt_cache_key(
+        "NVIDIA GeForce RTX 4090", "10.7.0"
+    )
+    assert tensorrt_cache_key("", "") == "unknown-gpu--trt-unknown"
 
 
 def test_missing_providers_fall_back_with_a_log_line(caplog):

@@ -1,13 +1,18 @@
 """ONNX Runtime backend: sessions on TensorRT → CUDA → CPU, falling back with a log line.
 
 The appliance installs ``onnxruntime-gpu`` only; it runs on CPU too. TensorRT engines are cached in
-the state directory, keyed by ONNX Runtime on the GPU, TensorRT version and shape profile, so the
-long first build happens once per machine (and is logged before it starts).
+the state directory in a folder per GPU model and TensorRT version (``tensorrt_cache_key``; ONNX
+Runtime's engine file names add the model hash, compute capability and shape profile), so the long
+first build happens once per machine (and is logged before it starts).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import re
+import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -35,7 +40,7 @@ def resolve_providers(
             log.info("ONNX Runtime provider %s is not available here; falling back", ort_name)
             continue
         if name == "tensorrt" and cache_dir is not None:
-            cache = Path(cache_dir) / "tensorrt"
+            cache = Path(cache_dir) / "tensorrt" / tensorrt_cache_key(*gpu_and_tensorrt())
             cache.mkdir(parents=True, exist_ok=True)
             chosen.append(
                 (
@@ -54,6 +59,37 @@ def resolve_providers(
     if not any(_name(p) == "CPUExecutionProvider" for p in chosen):
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def tensorrt_cache_key(gpu: str, tensorrt_version: str) -> str:
+    """The engine-cache folder for one GPU model and TensorRT version: an engine built for another
+    GPU or TensorRT release is never loaded (ONNX Runtime's own file names add the model hash,
+    compute capability and shape profile). Pure."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-").lower() or "unknown-gpu"
+    return f"{slug}--trt-{re.sub(r'[^0-9A-Za-z.]+', '-', tensorrt_version) or 'unknown'}"
+
+
+@lru_cache(maxsize=1)
+def gpu_and_tensorrt() -> tuple[str, str]:
+    """(first GPU's name, TensorRT version) on this machine, "unknown" where not found."""
+    try:
+        names = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        names = []
+    version = "unknown"
+    for package in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_libs"):
+        try:
+            version = importlib.metadata.version(package)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return (names[0].strip() if names else "unknown"), version
 
 
 def create_session(
