@@ -266,18 +266,26 @@ class EmbeddingDecoder:
         timings = {"prefill": (prefill - started) * 1e3, "decode": (done - prefill) * 1e3}
         return Generation(tokens, text, logprobs, finish, timings)
 
-    def probe_logits(self, image: np.ndarray, continuation: list[int]) -> np.ndarray:
+    def probe_logits(
+        self, image: np.ndarray, continuation: list[int], timings: dict | None = None
+    ) -> np.ndarray:
         """Logits after the prompt and after each continuation token ((k+1) x n_vocab): the
-        parity probe that export compares with transformers."""
+        parity probe that export compares with transformers. ``timings`` receives the seconds
+        spent on the prompt and on the continuation (one token per decode, as in serving)."""
         with self._lock:
+            started = time.perf_counter()
             pos = self._prefix()
             for segment in self.segments[self.image_at :]:
                 pos = self._segment(segment, pos, image)
             rows = [self._last_logits()]
+            prompted = time.perf_counter()
             for token in continuation:
                 self._decode(pos, tokens=[token])
                 pos += 1
                 rows.append(self._last_logits())
+            if timings is not None:
+                timings["prompt_s"] = prompted - started
+                timings["decode_s"] = time.perf_counter() - prompted
         return np.stack(rows)
 
     def close(self) -> None:
