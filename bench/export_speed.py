@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from bench._common import machine, write_section  # noqa: E402
 
-HEADING = "Export: trained inspector speed"
+HEADING = "## Export: trained inspector speed"
 
 
 def make_checkpoint(work: Path) -> Path:

@@ -198,7 +198,7 @@ def main() -> None:
         from bench._common import write_section
 
         write_section(
-            "Training on one GPU",
+            "## Training on one GPU",
             f"Stage-1 LoRA micro-step (bf16, r=16, gradient checkpointing, fused AdamW, batch 1, "
             f"{args.grid}x{args.grid} image tokens, {args.answer}-token answer), random weights, "
             f"on {gpu} (`python bench/train_gpu.py`). Median of {args.steps} steps after 2 "
