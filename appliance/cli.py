@@ -330,7 +330,7 @@ def cmd_retrain(args) -> int:
     print(f"retrain {result.run_dir.name}: {verdict}")
     for reason in result.reasons:
         print(f"  {reason}")
-    for key in ("map50", "f1", "schema_valid_rate"):
+    for key in ("map50", "f1", "schema_valid_rate", "image_auroc"):
         before, after = result.old.get(key), result.new.get(key)
         print(
             f"  {key:<18} {before if before is None else round(before, 4)} → "

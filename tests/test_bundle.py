@@ -17,8 +17,13 @@ def bundle_copy(bundle_dir, tmp_path):
 
 def test_enrolled_bundle_lists_every_file_with_hash(bundle_dir):
     bundle = load_bundle(bundle_dir)
-    files = {p.name for p in bundle_dir.iterdir() if p.name != "manifest.json"}
+    files = {
+        p.relative_to(bundle_dir).as_posix()
+        for p in bundle_dir.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
     assert set(bundle.manifest["files"]) == files
+    assert len([f for f in files if f.startswith("normals/")]) == 6  # kept for re-enrolment
     assert all(len(meta["sha256"]) == 64 for meta in bundle.manifest["files"].values())
     for key in ("taxonomy", "report_schema", "preprocessing", "anomaly", "versions"):
         assert key in bundle.manifest

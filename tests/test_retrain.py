@@ -213,3 +213,34 @@ def test_kill9_during_retraining_leaves_the_served_bundle_and_the_queue(
         process.kill()
     assert BundleRegistry(tmp_path / "state").active_id() is None
     assert wait_for(lambda: served_ids(tmp_path) == [bundle_id(bundle)], 120), daemon.log_text()
+
+
+def test_memory_bank_retrain_adds_confirmed_good_parts_to_the_memory(tmp_path, bundle_dir) -> None:
+    """The few-shot bundle is enrolled again with its kept normals plus newly confirmed good
+    parts; the gate compares image AUROC (and the rest) on the newest feedback."""
+    from appliance.registry import BundleRegistry
+    from appliance.samples import make_sample
+    from appliance.taxonomy import Taxonomy
+    from train.data import Obj, Record
+    from train.retrain import run_retrain
+
+    from .conftest import save_png
+
+    records = []
+    (tmp_path / "fb").mkdir()
+    for i, defect in enumerate([None, None, None, "crack", None, "scratch", None, "spot"]):
+        sample = make_sample(500 + i, defect=defect)
+        path = save_png(sample.rgb, tmp_path / "fb" / f"p{i}.png")
+        objects = (Obj(defect, tuple(float(v) for v in sample.box)),) if defect else ()
+        records.append(Record(path, 320, 240, objects))
+    write_records(tmp_path / "state" / "feedback" / "records.jsonl", stamped(records))
+    taxonomy = Taxonomy(labels=("scratch", "crack", "spot"))
+    settings = RetrainSettings(holdout_fraction=0.5, pause_daemon=False, gate={"image_auroc": 1.0})
+    result = run_retrain(tmp_path / "state", bundle_dir, taxonomy, settings, by="tech")
+    assert result.promoted, result.reasons
+    new = BundleRegistry(tmp_path / "state").active_path()
+    kept = sorted(p.name for p in (bundle_dir / "normals").iterdir())
+    added = sorted(p.name for p in (new / "normals").iterdir())
+    assert len(added) == len(kept) + 3  # p0-p2: the good parts of the older (training) half
+    assert result.old["image_auroc"] is not None and result.new["image_auroc"] is not None
+    assert "image_auroc" in (result.run_dir / "report.md").read_text()

@@ -40,7 +40,7 @@ from appliance.registry import BundleRegistry
 from train.data import Record, read_records, write_records
 
 FEEDBACK_RECORDS = Path("feedback") / "records.jsonl"
-GATED = ("map50", "f1", "schema_valid_rate")
+GATED = ("map50", "f1", "schema_valid_rate", "image_auroc")
 
 
 class RetrainError(ValueError):
@@ -152,6 +152,7 @@ def evaluate_bundle(bundle_path: Path, records: list[Record], taxonomy) -> tuple
     from appliance.inspect_cmd import inspect_paths
     from appliance.inspector import open_inspector
     from appliance.schema import report_problems
+    from train.clip_anomaly.evaluate import anomaly_metrics
     from train.evaluate import Pair, ReportLine, evaluate
 
     inspector = open_inspector(load_bundle(bundle_path), taxonomy=taxonomy, narrative="never")
@@ -167,6 +168,7 @@ def evaluate_bundle(bundle_path: Path, records: list[Record], taxonomy) -> tuple
     valid = sum(1 for rep in reports if not report_problems(rep, taxonomy))
     errors = sum(1 for rep in reports if rep["verdict"] == "error")
     metrics["schema_valid_rate"] = valid / len(reports) if reports else None
+    metrics.update(anomaly_metrics(pairs, list(taxonomy.labels)))  # image AUROC (memory bank)
     metrics["error_rate"] = errors / len(reports) if reports else None
     if metrics["map50"] is None:
         metrics["map50"] = 0.0 if any(r.objects for r in records) else None
@@ -205,6 +207,60 @@ def _recipe_for(checkpoint: Path, train_file: Path, settings: RetrainSettings):
     return recipe_from_json(data)
 
 
+def _train_and_export(served_bundle, checkpoint, run_dir, settings, progress, losses):
+    """LoRA continuation from the served checkpoint, exported like the served bundle."""
+    from export.inspector_bundle import export_bundle
+    from train.sft import train_stage
+
+    recipe = _recipe_for(checkpoint, run_dir / "train.jsonl", settings)
+    train_stage(
+        recipe,
+        "detect",
+        run_dir / "checkpoint",
+        checkpoint,
+        continue_training=True,
+        progress=progress,
+        on_step=lambda step, loss: losses.append((step, loss)),
+    )
+    vlm = served_bundle.manifest["vlm"]
+    return export_bundle(
+        run_dir / "checkpoint",
+        run_dir / "bundle",
+        quant=vlm["quantization"],
+        max_tokens=int(vlm["max_tokens"]),
+        with_checkpoint=True,
+    )
+
+
+def enroll_again(served_bundle, train: list[Record], out: Path):
+    """The few-shot memory bank enrolled again: its normal images plus the confirmed good parts
+    (feedback records without defects) of the training split, with the served settings."""
+    from appliance.anomaly.enroll import NORMALS_DIR, enroll
+    from appliance.anomaly.settings import AnomalySettings
+
+    kept = sorted((served_bundle.path / NORMALS_DIR).glob("*"))
+    if not kept:
+        raise RetrainError(
+            f"{served_bundle.path} keeps no normal images (enrolled before they were kept); "
+            "enroll again by hand with `appliance enroll`"
+        )
+    good = [r.image for r in train if not r.objects]
+    if not good:
+        raise RetrainError("the feedback holds no new good parts to add to the memory")
+    anomaly = AnomalySettings.from_dict(served_bundle.section("anomaly"))
+    return enroll(
+        [*kept, *good],
+        out,
+        taxonomy=served_bundle.taxonomy,
+        backbone_onnx=served_bundle.file(anomaly.backbone),
+        size=tuple(anomaly.working_size),
+        layers=anomaly.layers,
+        max_patches=anomaly.max_patches,
+        prompt_weight=anomaly.prompt_weight,
+        reweight_neighbors=anomaly.reweight_neighbors,
+    )
+
+
 def run_retrain(
     state_dir: Path,
     configured_bundle: Path,
@@ -214,50 +270,34 @@ def run_retrain(
     by: str,
     progress: bool = True,
 ) -> RetrainResult:
-    from export.inspector_bundle import export_bundle
     from train.retrain_report import write_report
-    from train.sft import train_stage
 
     registry = BundleRegistry(state_dir)
     served = registry.active_path() or Path(configured_bundle)
     served_bundle = load_bundle(served)
-    if served_bundle.kind != "vlm":
-        raise RetrainError(
-            f"the served bundle is a {served_bundle.kind!r} bundle; retraining teaches trained "
-            "(vlm) bundles — for the few-shot memory bank, enroll again with the new good images"
-        )
-    checkpoint = served_checkpoint(served)
+    if served_bundle.kind not in ("vlm", "memory-bank"):
+        raise RetrainError(f"bundles of kind {served_bundle.kind!r} are not retrained here")
     feedback_file = Path(state_dir) / FEEDBACK_RECORDS
     if not feedback_file.is_file():
         raise RetrainError(f"no feedback yet ({feedback_file}); review reports first")
-    split = assemble(read_records(feedback_file), replay_pool(checkpoint), settings)
+    checkpoint = served_checkpoint(served) if served_bundle.kind == "vlm" else None
+    replay = replay_pool(checkpoint) if checkpoint else []
+    split = assemble(read_records(feedback_file), replay, settings)
     run_dir = Path(state_dir) / "retrain" / run_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_records(run_dir / "train.jsonl", split.train)
     write_records(run_dir / "holdout.jsonl", split.holdout)
-    recipe = _recipe_for(checkpoint, run_dir / "train.jsonl", settings)
     losses: list[tuple[int, float]] = []
     started = time.monotonic()
     if settings.pause_daemon:
         registry.request_pause(f"retrain {run_dir.name}")
     try:
-        train_stage(
-            recipe,
-            "detect",
-            run_dir / "checkpoint",
-            checkpoint,
-            continue_training=True,
-            progress=progress,
-            on_step=lambda step, loss: losses.append((step, loss)),
-        )
-        vlm = served_bundle.manifest["vlm"]
-        candidate = export_bundle(
-            run_dir / "checkpoint",
-            run_dir / "bundle",
-            quant=vlm["quantization"],
-            max_tokens=int(vlm["max_tokens"]),
-            with_checkpoint=True,
-        )
+        if checkpoint is None:
+            candidate = enroll_again(served_bundle, split.train, run_dir / "bundle")
+        else:
+            candidate = _train_and_export(
+                served_bundle, checkpoint, run_dir, settings, progress, losses
+            )
         old, old_pairs = evaluate_bundle(served, split.holdout, taxonomy)
         new, new_pairs = evaluate_bundle(candidate.path, split.holdout, taxonomy)
     finally:
@@ -269,7 +309,7 @@ def run_retrain(
         "by": by,
         "parent": served_bundle.id,
         "counts": split.counts,
-        "steps": settings.steps,
+        "steps": settings.steps if checkpoint else 0,  # the memory bank is enrolled, not trained
         "seconds": round(time.monotonic() - started, 1),
         "promoted": passed,
         "reasons": reasons,

@@ -93,7 +93,15 @@ def write_report(run_dir: Path, summary: dict, losses, old: dict, new: dict, old
         "| metric | served | new |",
         "| --- | ---: | ---: |",
     ]
-    for key in ("map50", "precision", "recall", "f1", "per_image_f1", "schema_valid_rate"):
+    for key in (
+        "map50",
+        "precision",
+        "recall",
+        "f1",
+        "per_image_f1",
+        "schema_valid_rate",
+        "image_auroc",
+    ):
         lines.append(f"| {key} | {_fmt(old.get(key))} | {_fmt(new.get(key))} |")
     labels = sorted(set(old.get("per_class", {})) | set(new.get("per_class", {})))
     if labels:

@@ -8,6 +8,7 @@ that loads.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ BATCH_SIZE = 8
 # (docs/benchmarks.md) it lowered pixel AUROC, and a probe of the real backbone finds its s8
 # responses centred where align_corners=False assumes, not 3.5 px down-right.
 CORRECT_OFFSETS = False
+
+
+NORMALS_DIR = "normals"  # the enrolled normal images, kept for re-enrolment
 
 
 class EnrollError(ValueError):
@@ -162,11 +166,14 @@ def enroll(
     correct_offsets: bool = CORRECT_OFFSETS,
     reweight_neighbors: int = REWEIGHT_NEIGHBORS,
     providers: Sequence[str] | None = None,
+    keep_normals: bool = True,
 ) -> Bundle:
     """Build a memory-bank bundle in ``out_dir`` from normal images and return it.
 
     ``holdout``: how many of the last images calibrate the thresholds without entering the memory;
     0 (default, best for few shots) calibrates by leave-one-out over the shots instead.
+    ``keep_normals`` copies the normal images into the bundle (``normals/``), so that
+    ``appliance retrain`` can enroll again with them plus newly confirmed good parts.
     """
     paths = [Path(p) for p in normal_images]
     out_dir = Path(out_dir)
@@ -188,6 +195,11 @@ def enroll(
     )
     bank, thresholds = build_and_calibrate(features, names, config, max_patches)
     bank.save(out_dir / MEMORY_FILE)
+    if keep_normals:
+        (out_dir / NORMALS_DIR).mkdir(exist_ok=True)
+        for index, path in enumerate(paths):
+            name = re.sub(r"^\d{4}-", "", path.name)  # re-enrolment keeps one prefix
+            shutil.copyfile(path, out_dir / NORMALS_DIR / f"{index:04d}-{name}")
     settings = bundle_settings(bank, thresholds, config, max_patches)
     sections = {"anomaly": settings.to_dict(), "preprocessing": preprocessing_section(size)}
     versions = {"onnxruntime": ort.__version__, "numpy": np.__version__}
