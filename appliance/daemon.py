@@ -7,6 +7,7 @@ and pings systemd's watchdog. SIGTERM/SIGINT finish the batch in hand, then stop
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import logging
@@ -206,6 +207,8 @@ class Daemon:
         self.store.close()
 
     def run_forever(self) -> None:
+        # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): for hangs.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: (self.stop_event.set(), self.wake.set()))
         self.start()

@@ -1,10 +1,13 @@
 """The command line as a technician uses it: inspect, status, and a daemon under systemd's protocol."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 from appliance.samples import make_sample
 from appliance.schema import report_problems
@@ -81,11 +84,12 @@ def test_daemon_speaks_systemd_notify_protocol(bundle_dir, tmp_path):
     sock.bind(address)
     sock.settimeout(1.0)
     env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000", "PATH": "/usr/bin:/bin"}
+    log = tmp_path / "daemon.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "appliance", "run", "--config", str(config)],
         cwd=REPO,
         env=env,
-        stderr=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
     )
     received: list[str] = []
     deadline = time.monotonic() + 60
@@ -96,7 +100,12 @@ def test_daemon_speaks_systemd_notify_protocol(bundle_dir, tmp_path):
             except TimeoutError:
                 continue
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it hangs: the daemon dumps its stacks
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            pytest.fail("the daemon did not stop on SIGTERM:\n" + log.read_text()[-6000:])
         while True:
             try:
                 received.append(sock.recv(4096).decode())
