@@ -298,6 +298,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_clip_anomaly(args) -> int:
+    modules = _train_side(
+        "clip-anomaly", "train.clip_anomaly.build", "export.inspector_bundle", "appliance.anomaly"
+    )
+    if modules is None:
+        return 2
+    build, exporter, anomaly = modules
+    _setup_logging("INFO")
+    try:
+        recipe = build.load_clip_recipe(args.recipe)
+        bundle = build.build_clip_bundle(recipe, Path(args.out))
+    except (exporter.ExportError, anomaly.EnrollError, ValueError, OSError) as exc:
+        print(f"clip-anomaly failed: {exc}", file=sys.stderr)  # RecipeError, DataError: ValueError
+        return 2
+    print(json.dumps(build.summary(bundle), indent=2))
+    return 0
+
+
 def cmd_retrain(args) -> int:
     modules = _train_side("retrain", "train.retrain", "train.checkpoint")
     if modules is None:
@@ -424,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--formats", action="store_true", help="print the export formats table")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "clip-anomaly",
+        help="build a seed-002 CLIP anomaly bundle from a recipe (train extra)",
+        description=(
+            "Train the text-driven focuser (and optionally the adapter into a language model "
+            "that writes descriptions), enrol normal shots and export a clip-anomaly bundle. "
+            "See docs/clip-anomaly.md and examples/clip-anomaly.toml."
+        ),
+    )
+    p.add_argument("--recipe", required=True, help="TOML: [clip], [taxonomy], [normal], ...")
+    p.add_argument("--out", required=True, help="bundle directory to write (must not exist)")
+    p.set_defaults(func=cmd_clip_anomaly)
     p = sub.add_parser("retrain", help="learn from feedback; promote only if not worse")
     p.add_argument("--config")
     p.add_argument("--recipe", help="TOML with a [retrain] section (steps, gate, replay, ...)")

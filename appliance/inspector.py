@@ -79,7 +79,9 @@ class Inspector:
         if bundle.kind == "clip-anomaly":  # seed 002's CLIP branch (appliance.anomaly.clip_branch)
             from appliance.anomaly.clip_branch import ClipAnomalyDetector
 
-            self.detector = ClipAnomalyDetector(bundle, providers=providers)
+            self.detector = ClipAnomalyDetector(
+                bundle, providers=providers, n_threads=n_threads, n_gpu_layers=n_gpu_layers
+            )
         else:
             self.detector = AnomalyDetector(bundle, providers=providers)
         self.narrative_mode = narrative
@@ -135,6 +137,8 @@ class Inspector:
             "heatmap": None,
             "nearest_normal": result.nearest_normal,
         }
+        if getattr(result, "description", None):  # the CLIP branch's description of the defect
+            anomaly["description"] = result.description
         timings = {k: float(v) for k, v in result.timings_ms.items()}
         heatmap = None
         if self.heatmaps and defects:
@@ -169,6 +173,8 @@ class Inspector:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if hasattr(self.detector, "close"):
+            self.detector.close()
 
 
 def _whole_image(image: DecodedImage, result):

@@ -106,4 +106,7 @@ def _region(cx: float, cy: float) -> str:
 def _anomaly_line(anomaly: dict) -> str:
     score, threshold = anomaly["score"], anomaly["threshold"]
     verdict = "above" if score > threshold else "below"
-    return f"Anomaly score {score:.2f}, {verdict} the threshold {threshold:.2f}."
+    line = f"Anomaly score {score:.2f}, {verdict} the threshold {threshold:.2f}."
+    if anomaly.get("description"):
+        line += f" The anomaly detector describes it as: {anomaly['description']}"
+    return line

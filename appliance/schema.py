@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 
 from appliance.taxonomy import Taxonomy
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: optional anomaly.description (the CLIP branch)
 VERDICTS = ("ok", "defective", "error")
 URGENCY = ("none", "low", "medium", "high", "critical")
 SOURCE_KINDS = ("folder", "mqtt", "cli")
@@ -39,8 +39,10 @@ TIMING_STAGES = (
     "prefill",
     "generation",
     "narrative",
+    "description",
     "total",
 )
+DESCRIPTION_MAX_LENGTH = 500  # anomaly.description, the CLIP branch's words for the defect
 # Bounds of the narrative, shared by the schema and the grammar that generates it.
 NARRATIVE_LIMITS = {"summary": 280, "item": 140, "max_items": 3}
 
@@ -160,6 +162,10 @@ def report_schema(taxonomy: Taxonomy) -> dict:
                             "threshold": {"type": "number", "minimum": 0},
                             "heatmap": nullable_str,
                             "nearest_normal": nullable_str,
+                            "description": {
+                                "type": "string",
+                                "maxLength": DESCRIPTION_MAX_LENGTH,
+                            },
                         },
                     },
                 ]

@@ -60,12 +60,18 @@ def _channels(section: dict, key: str) -> float | tuple[float, ...]:
 
 
 def segments_from_manifest(bundle: Bundle, section: dict) -> list[Segment]:
+    return prompt_segments(bundle, section["prompt"]["segments"])
+
+
+def prompt_segments(bundle: Bundle, entries: list[dict]) -> list[Segment]:
+    """A manifest's prompt segments (token ids, an embeddings file of the bundle, the image slot)."""
     segments = []
-    for entry in section["prompt"]["segments"]:
+    for entry in entries:
         if "tokens" in entry:
             segments.append(Segment(tokens=tuple(int(t) for t in entry["tokens"])))
         elif "embeddings" in entry:
-            segments.append(Segment(embeddings=np.load(bundle.file(entry["embeddings"]))))
+            embeddings = np.load(bundle.file(entry["embeddings"]), allow_pickle=False)
+            segments.append(Segment(embeddings=embeddings.astype(np.float32)))
         elif entry.get("image"):
             segments.append(Segment(image=True))
         else:

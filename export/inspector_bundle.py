@@ -100,7 +100,22 @@ def _stop_ids(tokenizer) -> set[int]:
     return stop_ids(tokenizer)
 
 
-def _language(model, tokenizer, work: Path, quant: str, segments, probe, tol: Tolerances, meta):
+def export_language_model(
+    model,
+    tokenizer,
+    work: Path,
+    quant: str,
+    segments: list[dict],
+    probe: torch.Tensor,
+    tol: Tolerances,
+    source_gguf: Path | None = None,
+):
+    """``model.lm`` → GGUF in ``work`` with the parity gate; returns (served path, parity, quant).
+
+    ``model`` has ``lm`` (a transformers causal LM) and ``prompt`` (the learned prompt embeddings
+    when ``segments`` has an embeddings segment); ``probe`` is one image's embeddings. The reference
+    GGUF (F32 or F16) must give transformers' logits along its greedy answer; a quantized one must
+    stay within ``tol.quant_min_cosine`` of the reference."""
     from export.gguf_convert import convert_to_gguf
 
     reference_type = "F32" if quant == "F32" else "F16"
@@ -109,7 +124,7 @@ def _language(model, tokenizer, work: Path, quant: str, segments, probe, tol: To
         tokenizer,
         work / f"language_model.{reference_type}.gguf",
         outtype=reference_type.lower(),
-        source_gguf=_source_gguf(meta),
+        source_gguf=source_gguf,
     )
     tokens, hf_logits = transformers_greedy(
         model, segments, probe, _stop_ids(tokenizer), tol.probe_tokens
@@ -161,7 +176,7 @@ def _tensorrt(work: Path, precision: str, input_size: tuple[int, int]) -> dict:
     return {"precision": precision, "file": engine.name}
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
     import importlib.metadata as md
 
     out = {}
@@ -235,8 +250,8 @@ def _export_into(checkpoint, work, quant, tensorrt, max_tokens, tol) -> Bundle:
     with torch.no_grad():
         probe = model.encode_images(torch.from_numpy(pixels[:1]))[0]
     log.info("language model → GGUF (%s)", quant)
-    served, parity, quantization = _language(
-        model, tokenizer, work, quant, segments, probe, tol, meta
+    served, parity, quantization = export_language_model(
+        model, tokenizer, work, quant, segments, probe, tol, _source_gguf(meta)
     )
     engines = {}
     if tensorrt:
@@ -281,7 +296,7 @@ def _export_into(checkpoint, work, quant, tensorrt, max_tokens, tol) -> Bundle:
         kind="vlm",
         taxonomy=taxonomy,
         sections={"vlm": section, "export": export, "parity": {"vision": vision, **parity}},
-        versions=_versions(),
+        versions=library_versions(),
     )
 
 

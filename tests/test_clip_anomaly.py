@@ -406,3 +406,203 @@ def test_anomaly_metrics_of_eval_pairs() -> None:
     result = anomaly_metrics(pairs, TAXONOMY.labels)
     assert result["image_auroc"] == pytest.approx(0.75)
     assert result["description_accuracy"] == pytest.approx(0.75)
+    # a generated description (anomaly.description) is judged instead of the labels
+    pairs[3].report.report["anomaly"]["description"] = "a long scratch near the edge"
+    pairs[2].report.report["anomaly"]["description"] = "a crack and a scratch"
+    assert anomaly_metrics(pairs, TAXONOMY.labels)["description_accuracy"] == pytest.approx(0.75)
+
+
+@pytest.fixture(scope="module")
+def described(clip, tokenizer, tmp_path_factory):
+    """A trained adapter + tiny LM exported with its description (F32, the identity reference)."""
+    from export.clip_anomaly import Describer, write_bundle
+    from train.clip_anomaly.train import build_branch, fit
+    from train.clip_anomaly.vvclip import clip_pixels
+    from train.model import build_language_model
+    from train.recipe import LanguageModel
+    from train.tokenizer import tiny_tokenizer
+
+    lm_tokenizer = tiny_tokenizer()
+    spec = LanguageModel(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+    torch.manual_seed(0)
+    model = build_branch(
+        clip, tokenizer, TAXONOMY, "tile", BLOCKS, build_language_model(spec, lm_tokenizer)
+    )
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
+    rgb[3:, 16:40, 16:40] = 255  # a bright "defect" on the last three
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    pixels = clip_pixels(rgb, mean, std)
+    masks = torch.zeros(6, 64, 64)
+    masks[3:, 16:40, 16:40] = 1
+    texts = ["", "", "", "tile with crack", "tile with crack", "tile with scratch"]
+    samples = [Sample(pixels[i], i < 3, masks[i], texts[i]) for i in range(6)]
+    fit(model, make_batch(samples, lm_tokenizer), steps=30, lr=1e-2)
+    net = ClipAnomalyNet(model.vision, model.focuser, adapter=model.adapter).eval()
+    bundle = write_bundle(
+        tmp_path_factory.mktemp("described") / "bundle",
+        net,
+        taxonomy=TAXONOMY,
+        object_name="tile",
+        mean=mean,
+        std=std,
+        shots=pixels[:3],
+        shot_names=["a.png", "b.png", "c.png"],
+        describer=Describer(model.lm, lm_tokenizer, quant="F32", max_tokens=12),
+    )
+    return model, lm_tokenizer, net, load_bundle(bundle.path), rgb, pixels
+
+
+def test_description_runs_on_llama_cpp_token_for_token_as_in_transformers(described) -> None:
+    from appliance.anomaly.clip_branch import ClipAnomalyDetector
+    from train.clip_anomaly.adapter import PROMPT
+    from train.tokenizer import stop_ids
+
+    model, lm_tokenizer, net, bundle, rgb, pixels = described
+    section = bundle.manifest["clip_anomaly"]["description"]
+    assert section["language_model"].endswith(".F32.gguf") and section["image_tokens"] == 4
+    parity = bundle.manifest["parity"]
+    assert parity["description"]["F32"]["top1_agreement"] == 1.0
+    assert max(v for k, v in parity["graph"].items() if k != "prompt") < 1e-3
+    prompt = lm_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    detector = ClipAnomalyDetector(bundle)
+    try:
+        outputs = detector.run(pixels.numpy())
+        lengths = set()
+        for index in range(len(rgb)):
+            want = model.describe(pixels[index], prompt, stop_ids(lm_tokenizer), limit=12)
+            got = detector.describer.generate(
+                outputs["visual_tokens"][index], 12, constrained=False
+            )
+            assert got.tokens == want, index
+            lengths.add(len(want))
+        assert max(lengths) > 0  # the adapter writes something, not only end-of-text
+    finally:
+        detector.close()
+
+
+def test_description_reaches_the_report_and_the_narrative_facts(described) -> None:
+    from dataclasses import replace
+
+    from appliance.imaging import DecodedImage
+    from appliance.inspector import open_inspector
+    from appliance.prompts import narrative_messages
+    from appliance.report import Source, image_info, inspection_report
+    from appliance.schema import report_problems
+
+    model, lm_tokenizer, net, bundle, rgb, pixels = described
+    inspector = open_inspector(bundle, taxonomy=TAXONOMY, narrative="never")
+    try:
+        detector = inspector.detector
+        detector.settings = replace(detector.settings, image_threshold=0.0)  # every image flagged
+        found = inspector.inspect_batch([DecodedImage(rgb=rgb[4], format="PNG", mode="RGB")], [{}])
+        text = detector.describe(detector.run(pixels[4:5].numpy())["visual_tokens"][0])
+    finally:
+        inspector.close()
+    anomaly = found[0].anomaly
+    assert found[0].defects and anomaly["description"] == (
+        text or "tile with an unidentified defect"
+    )
+    assert found[0].timings_ms["description"] > 0
+    report = inspection_report(
+        source=Source("cli", "l1", "c1"),
+        image=image_info("0" * 64, 64, 64, "PNG", "RGB"),
+        bundle=inspector.bundle_ref,
+        inspection=found[0],
+    )
+    assert report_problems(report, TAXONOMY) == []
+    facts = {"line": "l1", "camera": "c1", "defects": found[0].defects, "anomaly": anomaly}
+    assert anomaly["description"] in narrative_messages(facts)[-1]["content"]
+
+
+def test_clean_description_keeps_reports_valid() -> None:
+    from appliance.anomaly.clip_branch import clean_description
+
+    assert clean_description("a\x00crack\n\n near\tthe  edge\ufffd") == "a crack near the edge"
+    assert len(clean_description("x" * 2000)) == 500
+
+
+def test_clip_bundle_export_is_atomic_and_gated(clip, focuser_factory, tmp_path) -> None:
+    from export.clip_anomaly import ExportError, write_bundle
+
+    net = export_net(clip, focuser_factory)
+    target = tmp_path / "taken"
+    target.mkdir()
+    options = {"taxonomy": TAXONOMY, "object_name": "t", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    with pytest.raises(ExportError, match="exists"):
+        write_bundle(target, net, few_shot=False, **options)
+    with pytest.raises(ValueError, match="adapter"):
+        write_bundle(tmp_path / "x", net, few_shot=False, describer=object(), **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_clip_anomaly_command_builds_a_described_bundle_from_the_example(tmp_path) -> None:
+    """The example recipe, run by the CLI on generated images, then `appliance inspect`."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    from appliance.cli import main
+
+    example = Path(__file__).parent.parent / "examples" / "clip-anomaly"
+    spec = importlib.util.spec_from_file_location("make_data", example / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    shutil.copy(example / "recipe.toml", tmp_path / "recipe.toml")
+    data = make_data.make(tmp_path / "data")
+    assert (
+        main(
+            [
+                "clip-anomaly",
+                "--recipe",
+                str(tmp_path / "recipe.toml"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    bundle = load_bundle(tmp_path / "b")
+    section = bundle.manifest["clip_anomaly"]
+    assert section["mode"] == "few-shot" and len(section["shots"]) == 4
+    assert section["description"]["language_model"] == "language_model.F16.gguf"
+    assert section["calibration"]["method"] == "leave-one-out"
+    assert bundle.taxonomy.labels == ("crack", "spot", "anomaly")
+    out = tmp_path / "reports.jsonl"
+    images = sorted((data / "images").glob("*.png"))
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["inspect", "--bundle", str(bundle.path), "--no-narrative", *map(str, images)])
+    assert code == 0
+    reports = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    out.write_text(buffer.getvalue())
+    assert len(reports) == len(images)
+    assert all(r["verdict"] in ("ok", "defective") for r in reports)
+    for report in reports:
+        if report["verdict"] == "defective":
+            assert isinstance(report["anomaly"]["description"], str)
+            assert report["anomaly"]["description"]
+
+
+def test_clip_recipe_errors_name_the_key(tmp_path) -> None:
+    from train.clip_anomaly.build import load_clip_recipe
+    from train.recipe import RecipeError
+
+    path = tmp_path / "r.toml"
+    path.write_text('[clip]\nname = "ViT-B-16"\n[taxonomy]\nlabels = ["crack"]\n')
+    with pytest.raises(RecipeError, match="weights: a local CLIP state dict is required"):
+        load_clip_recipe(path)
+    path.write_text('[clip]\nname = "tiny"\ncolour = 1\n[taxonomy]\nlabels = ["Crack!"]\n')
+    with pytest.raises(RecipeError) as info:
+        load_clip_recipe(path)
+    assert "clip.colour" in str(info.value) and "taxonomy" in str(info.value)
+    path.write_text('[clip]\nname = "tiny"\n[taxonomy]\nlabels = ["crack"]\n[describer]\n')
+    with pytest.raises(RecipeError, match="add a \\[data\\] section"):
+        load_clip_recipe(path)
+    path.write_text('[clip]\nname = "tiny"\n[taxonomy]\nlabels = ["crack"]\n[normal]\ndir = "n"\n')
+    with pytest.raises(RecipeError, match="normal.dir: .* does not exist"):
+        load_clip_recipe(path)

@@ -7,11 +7,19 @@ features) are fed as inputs. This module resizes and normalises the image as the
 runs the graph, turns the eq. 11 map (A ⊙ D, or D zero-shot) into a heatmap at the input size
 (bilinear, Gaussian sigma), thresholds it and finds regions exactly like the memory-bank detector,
 and names the defect: the taxonomy label the CLS feature reads as (when its probability reaches
-``label_confidence``) becomes the defect label and the short description that feeds the narrative.
+``label_confidence``) becomes the defect label.
+
+The description of an anomalous image comes from seed 002's adapter when the bundle carries one
+(manifest ``clip_anomaly.description``): the graph's ``visual_tokens`` output goes, after the
+adapter's learned prompt embeddings and before the prompt's tokens, into the bundle's GGUF language
+model on llama.cpp (``backends.llamacpp_vlm.EmbeddingDecoder``), decoded greedily. Without one, the
+description is the templated "{object} with {label}". It lands in the report's
+``anomaly.description`` and feeds the narrative.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -23,12 +31,24 @@ from PIL import Image
 from appliance.anomaly.regions import Region, find_regions
 from appliance.anomaly.resample import gaussian_smooth, resize_bilinear
 from appliance.bundle import Bundle, BundleError
+from appliance.schema import DESCRIPTION_MAX_LENGTH
 from appliance.taxonomy import ANOMALY_LABEL
 
 BUNDLE_KIND = "clip-anomaly"
 GRAPH = "clip_anomaly.onnx"
 MEMORY = "memory.npz"
 MODES = ("few-shot", "zero-shot")
+DESCRIPTION_KEYS = {
+    "language_model",
+    "quantization",
+    "quantized",
+    "image_tokens",
+    "n_embd",
+    "segments",
+    "max_tokens",
+    "kv_cache_type",
+    "n_ctx",
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,7 @@ class ClipSettings:
     min_region_area: int = 16
     max_regions: int = 5
     label_confidence: float = 0.5
+    description: dict | None = None  # the adapter + LM half (see the module docstring)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -88,6 +109,12 @@ def _check(settings: ClipSettings) -> None:
     for name in ("image_threshold", "pixel_threshold"):
         if not getattr(settings, name) >= 0:
             raise BundleError(f"clip_anomaly.{name}: {getattr(settings, name)!r}; expected >= 0")
+    if settings.description is not None:
+        keys = set(settings.description)
+        if keys != DESCRIPTION_KEYS:
+            wrong = sorted(keys ^ DESCRIPTION_KEYS)[0]
+            state = "unknown key" if wrong in keys else "missing"
+            raise BundleError(f"clip_anomaly.description.{wrong}: {state}; re-export the bundle")
 
 
 @dataclass(frozen=True)
@@ -111,11 +138,17 @@ def heatmap_from(anomaly: np.ndarray, size: tuple[int, int], sigma: float) -> np
     return gaussian_smooth(resize_bilinear(anomaly, tuple(size)), sigma)
 
 
-def preprocess(images: Sequence[np.ndarray], settings: ClipSettings) -> np.ndarray:
-    """RGB uint8 images -> (N, 3, H, W) float32, resized (bilinear) and mean/std normalised."""
-    height, width = settings.input_size
-    mean = np.asarray(settings.mean, np.float32)
-    std = np.asarray(settings.std, np.float32)
+def preprocess(
+    images: Sequence[np.ndarray],
+    input_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> np.ndarray:
+    """RGB uint8 images -> (N, 3, H, W) float32, resized (bilinear) to ``input_size`` (h, w) and
+    mean/std normalised."""
+    height, width = input_size
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
     batch = []
     for rgb in images:
         image = (
@@ -126,16 +159,30 @@ def preprocess(images: Sequence[np.ndarray], settings: ClipSettings) -> np.ndarr
 
 
 def describe(label: str, object_name: str) -> str:
-    """The one-line defect description from the label the text side reads."""
+    """The templated one-line description from the label the text side reads (no adapter)."""
     if label == ANOMALY_LABEL:
         return f"{object_name} with an unidentified defect"
     return f"{object_name} with {label.replace('_', ' ')}"
 
 
+def clean_description(text: str) -> str:
+    """A generated description made safe for a report: no control characters, single spaces,
+    at most ``DESCRIPTION_MAX_LENGTH`` characters."""
+    text = re.sub(r"[\x00-\x1f\x7f\ufffd]", " ", text)
+    return " ".join(text.split())[:DESCRIPTION_MAX_LENGTH].strip()
+
+
 class ClipAnomalyDetector:
     """Scores RGB images with a ``clip-anomaly`` bundle; answers like ``AnomalyDetector``."""
 
-    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] | None = None,
+        *,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+    ) -> None:
         from appliance.backends.onnxrt import create_session
 
         if bundle.kind != BUNDLE_KIND:
@@ -148,6 +195,11 @@ class ClipAnomalyDetector:
         self.feeds: dict[str, np.ndarray] = {}
         if self.settings.mode == "few-shot":
             self.feeds = load_memory(bundle.file(self.settings.memory))
+        self.describer = None
+        if self.settings.description is not None:
+            self.describer = open_describer(
+                bundle, self.settings.description, n_threads, n_gpu_layers
+            )
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
@@ -159,7 +211,8 @@ class ClipAnomalyDetector:
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[ClipResult]:
         start = time.perf_counter()
-        batch = preprocess(images, self.settings)
+        s = self.settings
+        batch = preprocess(images, s.input_size, s.mean, s.std)
         prepared = time.perf_counter()
         outputs = self.run(batch)
         ran = time.perf_counter()
@@ -171,7 +224,9 @@ class ClipAnomalyDetector:
         for index, rgb in enumerate(images):
             began = time.perf_counter()
             result = self._judge(outputs, index, rgb.shape[:2])
-            timings = {**shared, "anomaly": (time.perf_counter() - began) * 1000.0}
+            spent = (time.perf_counter() - began) * 1000.0
+            timings = {**shared, **result.timings_ms}
+            timings["anomaly"] = spent - timings.get("description", 0.0)
             results.append(ClipResult(**{**result.__dict__, "timings_ms": timings}))
         return results
 
@@ -191,6 +246,15 @@ class ClipAnomalyDetector:
         label = self._label(outputs["labels"][index]) if anomalous else ANOMALY_LABEL
         prompt = int(outputs["prompt"][index])
         nearest = s.shots[prompt] if 0 <= prompt < len(s.shots) else None
+        timings: dict[str, float] = {}
+        description = None
+        if anomalous:
+            description = describe(label, s.object_name)
+            if self.describer is not None:
+                began = time.perf_counter()
+                written = self.describe(outputs["visual_tokens"][index])
+                timings["description"] = (time.perf_counter() - began) * 1000.0
+                description = written or description
         return ClipResult(
             score=score,
             threshold=s.image_threshold,
@@ -198,10 +262,24 @@ class ClipAnomalyDetector:
             heatmap=heatmap,
             regions=regions,
             nearest_normal=nearest,
-            timings_ms={},
+            timings_ms=timings,
             label=label,
-            description=describe(label, s.object_name) if anomalous else None,
+            description=description,
         )
+
+    def describe(self, visual_tokens: np.ndarray) -> str:
+        """The adapter's description of one image's visual tokens: greedy, unconstrained."""
+        section = self.settings.description
+        generation = self.describer.generate(
+            np.ascontiguousarray(visual_tokens, dtype=np.float32),
+            int(section["max_tokens"]),
+            constrained=False,
+        )
+        return clean_description(generation.text)
+
+    def close(self) -> None:
+        if self.describer is not None:
+            self.describer.close()
 
     def _label(self, probabilities: np.ndarray) -> str:
         best = int(np.argmax(probabilities))
@@ -219,3 +297,21 @@ def load_memory(path: Path) -> dict[str, np.ndarray]:
             "memory_cls": data["cls"].astype(np.float32),
             "memory_blocks": data["blocks"].astype(np.float32),
         }
+
+
+def open_describer(bundle: Bundle, section: dict, n_threads: int | None, n_gpu_layers: int):
+    """The llama.cpp decoder of the adapter's description prompt ``[P] [image] [prompt]``."""
+    from appliance.backends.llamacpp_vlm import EmbeddingDecoder
+    from appliance.vlm import prompt_segments
+
+    segments = prompt_segments(bundle, section["segments"])
+    return EmbeddingDecoder(
+        bundle.file(section["language_model"]),
+        segments,
+        image_tokens=int(section["image_tokens"]),
+        gbnf=None,
+        n_ctx=int(section["n_ctx"]),
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        kv_cache_type=str(section["kv_cache_type"]),
+    )

@@ -4,7 +4,7 @@ Seed 002 feeds the focuser's output to a language model through linear layers pl
 embeddings concatenated to the LM's input. Here::
 
     v_b   = f'_b ⊙ p_a,b                     (focused features weighted by the abnormal map, per block)
-    V     = AdaptiveAvgPool_{k×k}(mean_b v_b) (k*k visual tokens)
+    V     = AdaptiveAvgPool_{k×k}(mean_b v_b) (k*k visual tokens; a fixed pooling matrix)
     E_img = W_2 GELU(W_1 V)                   (the linear layers, C -> hidden -> LM width)
     input = [P ; E_img ; E_text(prompt) ; E_text(answer)]     (P: learnable embeddings)
 
@@ -20,6 +20,7 @@ and L_I the pixel cross-entropy of the abnormal map where masks exist (0 otherwi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,19 +53,39 @@ class DefectAdapter(nn.Module):
 
     def __init__(self, dim: int, lm_width: int, grid: int = 2, hidden: int = 64, prompts: int = 4):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.grid = int(grid)
         self.project = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, lm_width))
         self.prompt = nn.Parameter(torch.randn(prompts, lm_width) * 0.02)
 
-    def forward(self, focused: list[torch.Tensor], probability: torch.Tensor) -> torch.Tensor:
-        """(N, prompts + k*k, lm_width) embeddings from per-block (N, h, w, C) and (B, N, h, w)."""
+    def visual(self, focused: list[torch.Tensor], probability: torch.Tensor) -> torch.Tensor:
+        """E_img: (N, k*k, lm_width) from per-block (N, h, w, C) features and (B, N, h, w) p_a."""
         weighted = torch.stack(
             [f * p.unsqueeze(-1) for f, p in zip(focused, probability, strict=True)]
         ).mean(0)
-        tokens = self.pool(weighted.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
-        visual = self.project(tokens)
+        n, h, w, c = weighted.shape
+        pool = pooling_matrix(int(h), int(w), self.grid).to(weighted.dtype)  # (k*k, h*w)
+        return self.project(pool @ weighted.reshape(n, h * w, c))
+
+    def forward(self, focused: list[torch.Tensor], probability: torch.Tensor) -> torch.Tensor:
+        """[P; E_img]: (N, prompts + k*k, lm_width); the exported graph outputs E_img only and the
+        bundle carries P as fixed prompt embeddings."""
+        visual = self.visual(focused, probability)
         prompt = self.prompt.unsqueeze(0).expand(visual.shape[0], -1, -1)
         return torch.cat([prompt, visual], dim=1)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+@functools.lru_cache(maxsize=16)
+def pooling_matrix(height: int, width: int, grid: int) -> torch.Tensor:
+    """k x k adaptive average pooling of an h x w map as a (k*k, h*w) matrix: the same numbers as
+    ``adaptive_avg_pool2d``, and a graph the ONNX exporter handles at any batch size."""
+    with torch.no_grad():
+        basis = torch.eye(height * width).view(height * width, 1, height, width)
+        pooled = nn.functional.adaptive_avg_pool2d(basis, grid)
+    return pooled.reshape(height * width, grid * grid).T.contiguous()
 
 
 class DescriptionModel(nn.Module):

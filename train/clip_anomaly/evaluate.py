@@ -70,15 +70,16 @@ def anomaly_metrics(pairs: Sequence, labels: Sequence[str]) -> dict:
     """Image AUROC and description accuracy of ``appliance eval`` pairs (``train.evaluate.Pair``).
 
     The image label is whether the record has any object; the score is the report's
-    ``anomaly.score``. The description is the report's defect labels joined (the CLIP branch writes
-    the label its text side reads), scored by ``names_label`` against the record's first label.
+    ``anomaly.score``. The description is the report's ``anomaly.description`` (what the adapter's
+    language model wrote) or, without one, the report's defect labels joined (the label the CLIP
+    text side reads), scored by ``names_label`` against the record's first label.
     Reports without an anomaly section (errors, ``vlm`` bundles) are left out. Pixel AUROC needs
     masks and raw maps, which reports do not carry: ``bench/seed002_tables.py`` measures it.
     """
     kept = [p for p in pairs if (p.report.report.get("anomaly") or {}).get("score") is not None]
     truth = [bool(p.record.objects) for p in kept]
     scores = [float(p.report.report["anomaly"]["score"]) for p in kept]
-    texts = [" ".join(d.get("label", "") for d in p.report.report.get("defects", [])) for p in kept]
+    texts = [_description(p.report.report) for p in kept]
     expected = [p.record.objects[0].label if p.record.objects else None for p in kept]
     result = {"anomaly_images": len(kept), "image_auroc": None, "description_accuracy": None}
     if any(truth) and not all(truth):
@@ -86,3 +87,8 @@ def anomaly_metrics(pairs: Sequence, labels: Sequence[str]) -> dict:
     if kept:
         result["description_accuracy"] = description_accuracy(texts, expected, labels)
     return result
+
+
+def _description(report: dict) -> str:
+    written = (report.get("anomaly") or {}).get("description")
+    return written or " ".join(d.get("label", "") for d in report.get("defects", []))

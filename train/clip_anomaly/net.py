@@ -13,6 +13,11 @@ re-export; a graph traced without memory is the zero-shot, text-only mode). Outp
 ``score``    (N,)       image score (``msspmm.image_score``)
 ``labels``   (N, L)     softmax over the taxonomy labels of the CLS feature
 ``prompt``   (N,)       int64 index of the self-prompt shot
+
+With an adapter (``adapter.DefectAdapter``, the description half of eq. 14) one more output:
+
+``visual_tokens`` (N, k*k, lm_width) E_img, the image embeddings the language model reads after the
+                  adapter's learnable prompt embeddings P (which the bundle carries as constants)
 """
 
 from __future__ import annotations
@@ -26,16 +31,26 @@ from train.clip_anomaly.tddf import TextFocuser
 from train.clip_anomaly.vvclip import VVClipVision
 
 OUTPUTS = ("cls", "local", "focus", "attention", "anomaly", "score", "labels", "prompt")
+DESCRIPTION_OUTPUT = "visual_tokens"
 
 
 class ClipAnomalyNet(nn.Module):
     def __init__(
-        self, vision: VVClipVision, focuser: TextFocuser, global_weight: float = 0.0
+        self,
+        vision: VVClipVision,
+        focuser: TextFocuser,
+        global_weight: float = 0.0,
+        adapter: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.vision = vision
         self.focuser = focuser
         self.global_weight = float(global_weight)
+        self.adapter = adapter
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUTS + ((DESCRIPTION_OUTPUT,) if self.adapter is not None else ())
 
     def forward(
         self,
@@ -58,7 +73,7 @@ class ClipAnomalyNet(nn.Module):
             prompt = torch.full((n,), -1, dtype=torch.long)
         anomaly = final_map(attention if few_shot else None, focus)
         local = torch.stack([F.normalize(m, dim=-1).reshape(n, h * w, -1) for m in maps])
-        return (
+        outputs = (
             F.normalize(cls, dim=-1),
             local,
             focus,
@@ -68,6 +83,9 @@ class ClipAnomalyNet(nn.Module):
             self.focuser.label_scores(cls),
             prompt,
         )
+        if self.adapter is None:
+            return outputs
+        return (*outputs, self.adapter.visual(self.focuser.focus(maps), probability))
 
     @torch.no_grad()
     def enroll(self, shots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from appliance.taxonomy import Taxonomy
 from train.clip_anomaly.adapter import PROMPT, DefectAdapter, DescriptionModel, LossWeights
@@ -96,19 +97,25 @@ def make_batch(samples: Sequence[Sample], tokenizer) -> dict:
     }
 
 
+def _cycle(batches: dict | Sequence[dict]) -> list[dict]:
+    return [batches] if isinstance(batches, dict) else list(batches)
+
+
 def fit(
     model: DescriptionModel,
-    batch: dict,
+    batches: dict | Sequence[dict],
     steps: int,
     weights: LossWeights = DEFAULT_WEIGHTS,
     lr: float = 3e-3,
 ) -> list[dict[str, float]]:
-    """AdamW on eq. 14 for ``steps`` full-batch steps; the per-step loss parts."""
+    """AdamW on eq. 14 for ``steps`` steps, cycling through ``batches`` (one batch: full-batch
+    steps); the per-step loss parts. A progress bar with ETA shows on a terminal."""
+    batches = _cycle(batches)
     optimiser = torch.optim.AdamW(model.trainable(), lr=lr, weight_decay=0.0)
     history = []
     model.adapter.train()
-    for _ in range(steps):
-        parts = model.loss(batch, weights)
+    for step in tqdm(range(steps), desc="adapter (eq. 14)", disable=None):
+        parts = model.loss(batches[step % len(batches)], weights)
         optimiser.zero_grad()
         parts["total"].backward()
         optimiser.step()
@@ -120,24 +127,29 @@ def fit(
 def fit_focuser(
     vision: VVClipVision,
     focuser: TextFocuser,
-    batch: dict,
+    batches: dict | Sequence[dict],
     steps: int,
     weights: LossWeights = DEFAULT_WEIGHTS,
     lr: float = 3e-3,
 ) -> list[float]:
-    """The focuser alone: β (L_TDDF + λ L_Sep) + γ L_I; CLIP features computed once."""
-    with torch.no_grad():
-        _, maps = vision(batch["pixels"])
-    labels = patch_labels(batch.get("masks"), batch["normal"], tuple(maps[0].shape[1:3]))
+    """The focuser alone: β (L_TDDF + λ L_Sep) + γ L_I, cycling through ``batches``; the frozen
+    CLIP features of each batch are computed once."""
+    prepared = []
+    for batch in _cycle(batches):
+        with torch.no_grad():
+            _, maps = vision(batch["pixels"])
+        labels = patch_labels(batch.get("masks"), batch["normal"], tuple(maps[0].shape[1:3]))
+        prepared.append((maps, labels, batch.get("masks")))
     optimiser = torch.optim.AdamW(focuser.parameters(), lr=lr, weight_decay=0.0)
     history = []
-    for _ in range(steps):
+    for step in tqdm(range(steps), desc="focuser (eqs. 4-5)", disable=None):
+        maps, labels, masks = prepared[step % len(prepared)]
         loss = weights.beta * (
             tddf_loss(focuser, maps, labels)
             + weights.lam * separation_loss(focuser, weights.margin)
         )
-        if batch.get("masks") is not None:
-            loss = loss + weights.gamma * pixel_loss(focuser(maps)[1], batch["masks"])
+        if masks is not None:
+            loss = loss + weights.gamma * pixel_loss(focuser(maps)[1], masks)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
