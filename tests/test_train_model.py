@@ -293,3 +293,33 @@ def test_efficientnet_vision_carries_the_package_weights() -> None:
     assert torch.equal(vision.body.conv_stem.weight, torch.from_numpy(stem))
     assert vision.channels == 1280 and not any(p.requires_grad for p in vision.parameters())
     assert vision(torch.zeros(1, 3, 96, 64)).shape == (1, 1280, 3, 2)
+
+
+def test_language_model_and_tokenizer_load_from_a_local_folder(records, tmp_path) -> None:
+    """`[model.lm] path` = a Hugging Face folder: training starts from its weights, the checkpoint
+    reloads them from there, and the LoRA update is what differs."""
+    from train.checkpoint import load_inspector
+    from train.model import build_language_model
+    from train.recipe import LanguageModel
+
+    tokenizer = tiny_tokenizer()
+    spec = LanguageModel(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+    base = build_language_model(spec, tokenizer)
+    folder = tmp_path / "local-lm"
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = recipe_dict(records)
+    data["model"]["lm"] = {"path": str(folder)}
+    recipe = parse_recipe(data, records.parent)
+    assert not recipe.model.lm.is_random
+    train_stage(recipe, "detect", tmp_path / "ckpt", stop_at=2, progress=False)
+    model, loaded_tokenizer, meta = load_inspector(tmp_path / "ckpt", trainable=False)
+    assert meta["recipe"]["model"]["lm"]["path"] == str(folder)
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    merged = model.lm.merge_and_unload()
+    before, after = base.state_dict(), merged.state_dict()
+    assert set(before) == set(after)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(("proj" in k) or ("lm_head" in k) for k in changed), changed
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(before[embed], after[embed])  # the folder's weights, not a fresh init
