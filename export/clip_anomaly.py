@@ -29,8 +29,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from appliance.anomaly.calibrate import image_threshold, pixel_threshold
-from appliance.anomaly.clip_branch import BUNDLE_KIND, GRAPH, MEMORY, ClipSettings, heatmap_from
+from appliance.anomaly.clip_branch import BUNDLE_KIND, GRAPH, MEMORY, ClipSettings
+from appliance.anomaly.clip_enroll import NORMALS_DIR, calibrate, save_normals
 from appliance.bundle import Bundle, write_manifest
 from appliance.taxonomy import Taxonomy
 from export.formats import QUANT_TYPES
@@ -122,28 +122,6 @@ def parity(
     return out
 
 
-def _calibration(
-    net: ClipAnomalyNet, shots: torch.Tensor, settings: ClipSettings, few_shot: bool
-) -> dict:
-    """Thresholds from the shots: leave-one-out (few-shot, 2+ shots), else the shots themselves."""
-    scores, maps = [], []
-    with torch.no_grad():
-        for index in range(shots.shape[0]):
-            keep = [i for i in range(shots.shape[0]) if i != index] or [index]
-            image = shots[index : index + 1]
-            out = net(image, *net.enroll(shots[keep])) if few_shot else net(image)
-            scores.append(float(out[5][0]))
-            maps.append(heatmap_from(out[4][0].numpy(), settings.input_size, settings.sigma))
-    method = "leave-one-out" if few_shot and shots.shape[0] > 1 else "self"
-    image, image_rule = image_threshold(scores)
-    pixel, pixel_rule = pixel_threshold(maps)
-    return {
-        "image_threshold": image,
-        "pixel_threshold": min(pixel, image),
-        "calibration": {"method": method, "image_rule": image_rule, "pixel_rule": pixel_rule},
-    }
-
-
 def write_bundle(
     out_dir: Path,
     net: ClipAnomalyNet,
@@ -213,7 +191,10 @@ def _write_into(
             np.savez(handle, cls=memory[0].numpy(), blocks=memory[1].numpy())
     values = settings.to_dict()
     if shots is not None and shots.shape[0] > 0:
-        values |= _calibration(net, shots, settings, few_shot)
+        values |= _calibrate(work, shots, settings, memory)
+        if few_shot:  # kept for `appliance retrain`, which enrolls them again with new good parts
+            images = _shot_images(shots, mean, std)
+            save_normals(work / NORMALS_DIR, images, _names(shot_names, images))
     if describer is not None:
         values["description"], checks["description"] = _description(net, describer, work, probe)
     settings = ClipSettings.from_dict(values)
@@ -224,6 +205,27 @@ def _write_into(
         sections={"clip_anomaly": settings.to_dict(), "parity": checks},
         versions=_versions(describer is not None),
     )
+
+
+def _calibrate(work: Path, shots: torch.Tensor, settings: ClipSettings, memory) -> dict:
+    """Thresholds through the exported graph itself (the runtime's numbers, no torch)."""
+    from appliance.backends.onnxrt import create_session
+
+    session = create_session(work / GRAPH, ["CPUExecutionProvider"])
+    feeds = None
+    if memory is not None:
+        feeds = {"memory_cls": memory[0].numpy(), "memory_blocks": memory[1].numpy()}
+    return calibrate(session, shots.numpy(), settings, feeds)
+
+
+def _shot_images(shots: torch.Tensor, mean, std) -> np.ndarray:
+    """The uint8 RGB images the shots were normalised from (exact: x = (rgb/255 - mean) / std)."""
+    pixels = shots.permute(0, 2, 3, 1).numpy() * np.asarray(std) + np.asarray(mean)
+    return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
+
+
+def _names(names: Sequence[str], images: np.ndarray) -> list[str]:
+    return list(names) if len(names) == len(images) else [f"shot{i}" for i in range(len(images))]
 
 
 def _gate_graph(diffs: dict[str, float]) -> None:

@@ -606,3 +606,46 @@ def test_clip_recipe_errors_name_the_key(tmp_path) -> None:
     path.write_text('[clip]\nname = "tiny"\n[taxonomy]\nlabels = ["crack"]\n[normal]\ndir = "n"\n')
     with pytest.raises(RecipeError, match="normal.dir: .* does not exist"):
         load_clip_recipe(path)
+
+
+def test_retrain_enrolls_confirmed_good_parts_into_the_clip_memory(described, tmp_path) -> None:
+    """`appliance retrain` on a clip-anomaly bundle: kept shots + new good parts become the memory
+    (ONNX Runtime only), thresholds are recalibrated, the graph and the description model carried."""
+    from PIL import Image
+
+    from appliance.registry import BundleRegistry
+    from train.data import Obj, Provenance, Record, write_records
+    from train.retrain import RetrainSettings, run_retrain
+
+    _, _, _, bundle, _, _ = described
+    rng = np.random.default_rng(7)
+    records = []
+    for i in range(8):
+        rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        objects = ()
+        if i % 2:
+            rgb[16:40, 16:40] = 255
+            objects = (Obj("crack", (16.0, 16.0, 40.0, 40.0)),)
+        path = tmp_path / "fb" / f"p{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(path)
+        when = f"2026-11-26T10:{i:02d}:00+00:00"
+        provenance = Provenance(source="feedback", who="tech", when=when)
+        records.append(Record(path, 64, 64, objects, provenance=provenance))
+    write_records(tmp_path / "state" / "feedback" / "records.jsonl", records)
+    settings = RetrainSettings(holdout_fraction=0.5, pause_daemon=False, gate={"image_auroc": 1.0})
+    result = run_retrain(tmp_path / "state", bundle.path, TAXONOMY, settings, by="tech")
+    assert result.promoted, result.reasons
+    new = load_bundle(BundleRegistry(tmp_path / "state").active_path())
+    section = new.manifest["clip_anomaly"]
+    assert section["shots"][:3] == ["a.png", "b.png", "c.png"]  # kept, then the training half's
+    assert sorted(section["shots"][3:]) == ["p0.png", "p2.png"]  # good parts
+    assert len(list((new.path / "normals").iterdir())) == 5
+    with np.load(new.path / "memory.npz") as memory:
+        assert memory["cls"].shape[0] == 5 and memory["blocks"].shape[1] == 5
+    with np.load(bundle.path / "memory.npz") as old, np.load(new.path / "memory.npz") as memory:
+        assert np.allclose(memory["cls"][:3], old["cls"], atol=1e-5)  # kept shots re-read exactly
+    assert section["calibration"]["method"] == "leave-one-out"
+    assert section["description"] == bundle.manifest["clip_anomaly"]["description"]
+    assert new.manifest["enrolment"] == {"parent": bundle.id, "shots": 5, "added": 2}
+    assert result.old["image_auroc"] is not None and result.new["image_auroc"] is not None

@@ -233,8 +233,10 @@ def _train_and_export(served_bundle, checkpoint, run_dir, settings, progress, lo
 
 
 def enroll_again(served_bundle, train: list[Record], out: Path):
-    """The few-shot memory bank enrolled again: its normal images plus the confirmed good parts
-    (feedback records without defects) of the training split, with the served settings."""
+    """The few-shot memory enrolled again: its normal images plus the confirmed good parts
+    (feedback records without defects) of the training split, with the served settings. A
+    ``memory-bank`` bundle is enrolled anew; a ``clip-anomaly`` bundle keeps its graph (and
+    description model) and gets a new memory and thresholds (``clip_enroll.reenroll``)."""
     from appliance.anomaly.enroll import NORMALS_DIR, enroll
     from appliance.anomaly.settings import AnomalySettings
 
@@ -247,6 +249,10 @@ def enroll_again(served_bundle, train: list[Record], out: Path):
     good = [r.image for r in train if not r.objects]
     if not good:
         raise RetrainError("the feedback holds no new good parts to add to the memory")
+    if served_bundle.kind == "clip-anomaly":  # the CLIP branch's memory, torch-free
+        from appliance.anomaly.clip_enroll import reenroll
+
+        return reenroll(served_bundle, good, out)
     anomaly = AnomalySettings.from_dict(served_bundle.section("anomaly"))
     return enroll(
         [*kept, *good],
@@ -275,7 +281,7 @@ def run_retrain(
     registry = BundleRegistry(state_dir)
     served = registry.active_path() or Path(configured_bundle)
     served_bundle = load_bundle(served)
-    if served_bundle.kind not in ("vlm", "memory-bank"):
+    if served_bundle.kind not in ("vlm", "memory-bank", "clip-anomaly"):
         raise RetrainError(f"bundles of kind {served_bundle.kind!r} are not retrained here")
     feedback_file = Path(state_dir) / FEEDBACK_RECORDS
     if not feedback_file.is_file():
