@@ -77,7 +77,12 @@ class Subscriber:
         self.status: list[str] = []
         self.stats: list[dict] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}")
+        # A persistent session, as a consumer must have: the broker (persistence on) keeps the
+        # subscription and queues QoS 1 reports across its own restart until we are back; with a
+        # clean session, reports drained before we resubscribe would never reach us.
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}", clean_session=False
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.2, 1)
