@@ -33,7 +33,7 @@ from PIL import Image
 
 from appliance.anomaly.enroll import CORRECT_OFFSETS, MAX_PATCHES, load_rgb, scoring_config
 from appliance.anomaly.features import DEFAULT_LAYERS, FeatureExtractor
-from appliance.anomaly.memory import MemoryBank, ScoringConfig
+from appliance.anomaly.memory import MemoryBank, Scored, ScoringConfig, fuse_maps, layer_spread
 from appliance.anomaly.preprocess import batch_to_working
 from bench._common import cpu_name, write_section
 
@@ -45,11 +45,20 @@ BATCH = 8
 
 @dataclass(frozen=True)
 class Variant:
-    """An appliance configuration: backbone layers plus ``ScoringConfig`` overrides."""
+    """An appliance configuration: backbone layers plus ``ScoringConfig`` overrides.
+
+    ``layer_weights`` and ``score_sigma`` are bench-local prototypes of scoring options the
+    appliance does not have (yet): see ``prototype_bank`` and ``prototype_score``.
+    """
 
     layers: tuple[str, ...] = DEFAULT_LAYERS
     scoring: dict = field(default_factory=dict)
     correct_offsets: bool = CORRECT_OFFSETS
+    # prototype: layer -> weight of its normalised distance map in the fused heatmap (default 1)
+    layer_weights: dict = field(default_factory=dict)
+    # prototype: the image score is taken from the fused map smoothed with this sigma (px) instead
+    # of the heatmap's ``ScoringConfig.sigma`` (None: from the heatmap, as shipped)
+    score_sigma: float | None = None
 
     def config(self, backbone: Path, size: tuple[int, int]) -> ScoringConfig:
         """The product's scoring for these layers (``enroll.scoring_config``), then overrides."""
@@ -68,6 +77,17 @@ VARIANTS: dict[str, Variant] = {
     "sigma 2": Variant(scoring={"sigma": 2.0}),
     "sigma 6": Variant(scoring={"sigma": 6.0}),
     "no reweight": Variant(scoring={"reweight_neighbors": 0}),
+    "reweight 3": Variant(scoring={"reweight_neighbors": 3}),
+    "reweight 5": Variant(scoring={"reweight_neighbors": 5}),
+    # prototypes (bench-local, not in appliance/anomaly): see Variant
+    "s16 x1.5": Variant(layer_weights={"s16": 1.5}),
+    "s16 x2": Variant(layer_weights={"s16": 2.0}),
+    "s16 x3": Variant(layer_weights={"s16": 3.0}),
+    "score sigma 0": Variant(score_sigma=0.0),
+    "score sigma 1": Variant(score_sigma=1.0),
+    "score sigma 2": Variant(score_sigma=2.0),
+    "s16 x2, score sigma 1": Variant(layer_weights={"s16": 2.0}, score_sigma=1.0),
+    "s16 x2, score sigma 2": Variant(layer_weights={"s16": 2.0}, score_sigma=2.0),
 }
 
 
@@ -78,15 +98,18 @@ class Dataset:
     masks: np.ndarray  # (N, h, w) bool at the evaluation pixels
 
 
-def list_images(root: Path, normal_step: int, defect_step: int) -> tuple[list[Path], list[Path]]:
-    """Sorted normal (MT_Free) and defective (other MT_*) images, every n-th of each."""
+def list_images(
+    root: Path, normal_step: int, defect_step: int, normal_offset: int = 0, defect_offset: int = 0
+) -> tuple[list[Path], list[Path]]:
+    """Sorted normal (MT_Free) and defective (other MT_*) images, every n-th of each from an
+    offset (a disjoint offset of the normals is a tuning split)."""
     normal = sorted((root / "MT_Free" / "Imgs").glob("*.jpg"))
     defective = sorted(
         p for d in sorted(root.glob("MT_*")) if d.name != "MT_Free" for p in d.glob("Imgs/*.jpg")
     )
     if not normal or not defective:
         raise SystemExit(f"{root}: no MT_Free/Imgs/*.jpg or MT_*/Imgs/*.jpg; pass --data")
-    return normal[::normal_step], defective[::defect_step]
+    return normal[normal_offset::normal_step], defective[defect_offset::defect_step]
 
 
 def load_mask(path: Path, size: tuple[int, int], stride: int) -> np.ndarray:
@@ -207,17 +230,56 @@ def check_reference_path(model, paths: list[Path], features: Features, size) -> 
         raise SystemExit("cached PatchCore path differs from PatchcoreModel.forward")
 
 
+def prototype_bank(
+    names: list[str], shots: dict[str, np.ndarray], layer_weights: dict
+) -> MemoryBank:
+    """``MemoryBank.from_features``, each layer's map weighted by ``layer_weights`` in the fusion.
+
+    Prototype of a per-layer fusion weight: ``fuse_maps`` averages the layer maps, each divided by
+    its scale (``layer_spread``), so dividing the scale by ``w`` weights the map by ``w``. The fused
+    map is then ``sum_l w_l d_l / s_l / L`` instead of ``sum_l w_l d_l / s_l / sum_l w_l``: a
+    constant factor per bank, which changes no AUROC (nor the re-weighting, nor the peak).
+    """
+    scales = None
+    if layer_weights:
+        scales = {k: layer_spread(g) / layer_weights.get(k, 1.0) for k, g in shots.items()}
+    return MemoryBank.from_features(names, shots, max_patches=MAX_PATCHES, scales=scales)
+
+
+def prototype_score(
+    bank: MemoryBank, grids: dict[str, np.ndarray], config: ScoringConfig, score_sigma: float
+) -> Scored:
+    """``MemoryBank.score`` with the image score (maximum and re-weighting peak) taken from the
+    fused map smoothed with ``score_sigma`` instead of ``config.sigma``; the heatmap is unchanged."""
+    nearest = bank.nearest_shot(grids, config)
+    maps = [bank.layer_map(layer, grids[layer], nearest, config) for layer in bank.layers]
+    offsets = config.offsets(bank.layers)
+    heatmap = fuse_maps(maps, config.working_size, config.sigma, offsets)
+    for_score = fuse_maps(maps, config.working_size, score_sigma, offsets)
+    score = float(for_score.max())
+    if config.reweight_neighbors > 0:
+        score *= bank._peak_weight(for_score, grids, config)
+    return Scored(heatmap, score, nearest)
+
+
 def score_appliance(
-    features: Features, shots: np.ndarray, test: np.ndarray, config: ScoringConfig, layers, stride
+    features: Features,
+    shots: np.ndarray,
+    test: np.ndarray,
+    config: ScoringConfig,
+    variant: Variant,
+    stride: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    grids = {layer: features.appliance[layer] for layer in layers}
+    grids = {layer: features.appliance[layer] for layer in variant.layers}
     names = [f"shot{i}" for i in shots]
-    bank = MemoryBank.from_features(
-        names, {k: g[shots] for k, g in grids.items()}, max_patches=MAX_PATCHES
-    )
+    bank = prototype_bank(names, {k: g[shots] for k, g in grids.items()}, variant.layer_weights)
     scores, maps = [], []
     for i in test:
-        scored = bank.score({k: g[i] for k, g in grids.items()}, config)
+        image = {k: g[i] for k, g in grids.items()}
+        if variant.score_sigma is None:
+            scored = bank.score(image, config)
+        else:
+            scored = prototype_score(bank, image, config, variant.score_sigma)
         scores.append(scored.score)
         maps.append(eval_pixels(scored.heatmap, stride))
     return np.array(scores), np.stack(maps)
@@ -280,7 +342,9 @@ def measure_latency(extractor, model, features, dataset, shots, test, config, co
 
 def load_split(args, size: tuple[int, int]):
     """Normal and defective paths, all paths, image labels and pixel masks (normal: empty)."""
-    normal, defective = list_images(args.data, args.normal_step, args.defect_step)
+    normal, defective = list_images(
+        args.data, args.normal_step, args.defect_step, args.normal_offset, args.defect_offset
+    )
     paths = normal + defective
     labels = np.array([0] * len(normal) + [1] * len(defective))
     masks = np.stack([load_mask(p, size, args.pixel_stride) for p in paths])
@@ -322,12 +386,14 @@ def run(args) -> dict:
                     variant = VARIANTS[name]
                     config = variant.config(onnx_path, size)
                     s, h = score_appliance(
-                        features, shots, test, config, variant.layers, args.pixel_stride
+                        features, shots, test, config, variant, args.pixel_stride
                     )
                     row[name] = aurocs(y, s, m, h)
                 results["rows"][(k, seed)] = row
                 summary = "  ".join(f"{n} {a:.3f}/{b:.3f}" for n, (a, b) in row.items())
                 print(f"k={k} seed={seed}  {summary}", flush=True)
+            if args.timing <= 0:
+                continue
             ours, theirs = measure_latency(
                 product,
                 model,
@@ -362,7 +428,7 @@ def summary_table(results: dict, shots: tuple[int, ...]) -> list[str]:
             for metric in (0, 1)
             for name in ("appliance", "PatchCore")
         ]
-        ours, theirs = results["latency"][k]
+        ours, theirs = results["latency"].get(k, (float("nan"), float("nan")))
         lines.append(f"| {k} | {' | '.join(cells)} | {ours:.1f} | {theirs:.1f} |")
     return lines
 
@@ -471,8 +537,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1/8 normals, 1/4 defects, 2 seeds")
     parser.add_argument("--normal-step", type=int, default=1, help="use every n-th normal image")
     parser.add_argument("--defect-step", type=int, default=1, help="every n-th defective image")
+    parser.add_argument(
+        "--normal-offset", type=int, default=0, help="first normal image taken (tuning split)"
+    )
+    parser.add_argument("--defect-offset", type=int, default=0, help="first defective image taken")
     parser.add_argument("--pixel-stride", type=int, default=4, help="pixel AUROC subsampling")
-    parser.add_argument("--timing", type=int, default=20, help="images timed per k")
+    parser.add_argument("--timing", type=int, default=20, help="images timed per k (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--variants",
