@@ -369,16 +369,20 @@ def check_open_clip(spec: OpenClip, input_size: tuple[int, int], source: str) ->
         )
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe TOML file."""
-    path = Path(path)
+def read_toml(path: Path) -> dict:
+    """A recipe file's TOML table; a missing file or bad TOML is a ``RecipeError`` naming it."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML: {exc}") from None
-    return parse_recipe(data, path.parent.resolve(), str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe TOML file."""
+    path = Path(path)
+    return parse_recipe(read_toml(path), path.parent.resolve(), str(path))
 
 
 def recipe_from_json(data: dict) -> Recipe:

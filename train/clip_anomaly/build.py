@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +34,7 @@ from appliance.bundle import Bundle
 from appliance.taxonomy import Taxonomy
 from train.data.images import find_images
 from train.data.readers import FORMATS
-from train.recipe import WEIGHT_SUFFIXES, LanguageModel, RecipeError, format_errors
+from train.recipe import WEIGHT_SUFFIXES, LanguageModel, RecipeError, format_errors, read_toml
 
 log = logging.getLogger(__name__)
 TINY = "tiny"
@@ -136,13 +135,7 @@ def load_clip_recipe(path: str | Path) -> ClipRecipe:
     """Read and validate a CLIP-branch recipe; errors list every problem by dotted key."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
-    try:
-        recipe = ClipRecipe.model_validate(data)
+        recipe = ClipRecipe.model_validate(read_toml(path))
     except ValidationError as exc:
         raise RecipeError(format_errors(exc, str(path))) from None
     return _resolved(recipe, path.parent.resolve())
@@ -267,25 +260,12 @@ def _fit_describer(recipe, clip, tokenizer, taxonomy, samples, descriptions):
 
 
 def _batches(samples, batch_size: int, lm_tokenizer) -> list[dict]:
-    from train.clip_anomaly.train import make_batch
+    from train.clip_anomaly.train import image_batch, make_batch
 
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     if lm_tokenizer is not None:
         return [make_batch(chunk, lm_tokenizer) for chunk in chunks]
-    return [_focuser_batch(chunk) for chunk in chunks]
-
-
-def _focuser_batch(chunk) -> dict:
-    import torch
-
-    masks = None
-    if all(s.mask is not None for s in chunk):
-        masks = torch.stack([s.mask.float() for s in chunk])
-    return {
-        "pixels": torch.stack([s.pixels for s in chunk]),
-        "normal": torch.tensor([s.normal for s in chunk]),
-        "masks": masks,
-    }
+    return [image_batch(chunk) for chunk in chunks]
 
 
 def _pixels(rgb: np.ndarray, size: tuple[int, int], mean, std):

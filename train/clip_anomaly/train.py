@@ -76,15 +76,8 @@ def answer_ids(tokenizer, description: str) -> tuple[list[int], list[int]]:
     return prompt + answer, [IGNORE] * len(prompt) + answer
 
 
-def make_batch(samples: Sequence[Sample], tokenizer) -> dict:
-    """Stacked pixels, normal flags, masks (when every sample has one) and padded token ids."""
-    pairs = [answer_ids(tokenizer, s.description or "no defect") for s in samples]
-    length = max(len(ids) for ids, _ in pairs)
-    ids = torch.full((len(samples), length), -1, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
-    for row, (seq, lab) in enumerate(pairs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, : len(lab)] = torch.tensor(lab)
+def image_batch(samples: Sequence[Sample]) -> dict:
+    """Stacked pixels, normal flags and masks (when every sample has one): the focuser's batch."""
     masks = None
     if all(s.mask is not None for s in samples):
         masks = torch.stack([s.mask.float() for s in samples])
@@ -92,9 +85,19 @@ def make_batch(samples: Sequence[Sample], tokenizer) -> dict:
         "pixels": torch.stack([s.pixels for s in samples]),
         "normal": torch.tensor([s.normal for s in samples]),
         "masks": masks,
-        "ids": ids,
-        "labels": labels,
     }
+
+
+def make_batch(samples: Sequence[Sample], tokenizer) -> dict:
+    """``image_batch`` plus the padded token ids and labels of the descriptions (eq. 14)."""
+    pairs = [answer_ids(tokenizer, s.description or "no defect") for s in samples]
+    length = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(samples), length), -1, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
+    for row, (seq, lab) in enumerate(pairs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(lab)] = torch.tensor(lab)
+    return {**image_batch(samples), "ids": ids, "labels": labels}
 
 
 def _cycle(batches: dict | Sequence[dict]) -> list[dict]:
