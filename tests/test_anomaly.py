@@ -32,7 +32,7 @@ from appliance.anomaly.distance import (
 )
 from appliance.anomaly.features import FeatureExtractor, fuse
 from appliance.anomaly.geometry import cell_offsets
-from appliance.anomaly.memory import patchcore_weight, peak_cell
+from appliance.anomaly.memory import blend_maps, patchcore_weight, peak_cell
 from appliance.anomaly.preprocess import box_to_original, to_working
 from appliance.anomaly.regions import find_regions, region_score
 from appliance.anomaly.resample import avg_pool3x3, bilinear_matrix, resize_bilinear
@@ -390,7 +390,7 @@ def test_reweighted_score_is_the_maximum_times_the_mean_layer_weight():
     bank = bank_of([1, 2])
     changed = grids(3)
     changed["s8"][2, 2] += 10.0
-    plain = ScoringConfig(working_size=(48, 48), reweight_neighbors=0)
+    plain = ScoringConfig(working_size=(48, 48), reweight_neighbors=0, score_sigma=None)
     weighted = replace(plain, reweight_neighbors=9)
     assert ScoringConfig().reweight_neighbors == 9  # the product default
     base, scored = bank.score(changed, plain), bank.score(changed, weighted)
@@ -507,6 +507,8 @@ def test_manifest_records_thresholds_and_preprocessing(bundle_dir):
     assert manifest["preprocessing"]["size_hw"] == list(WORKING)
     assert section["cell_offsets"] == {}  # off by default (CORRECT_OFFSETS)
     assert section["reweight_neighbors"] == 9  # on by default (REWEIGHT_NEIGHBORS)
+    assert section["layer_weights"] == {"s16": 2.0}  # LAYER_WEIGHTS
+    assert section["score_sigma"] == 2.0  # SCORE_SIGMA
 
 
 def test_one_shot_enrolment_detects_the_defect(tmp_path, backbone):
@@ -550,10 +552,15 @@ def test_enrolment_records_and_serves_the_reweighting_choice(tmp_path, backbone)
         backbone_onnx=backbone,
         size=WORKING,
         reweight_neighbors=0,
+        layer_weights={"s4": 3.0},  # a layer not enrolled: dropped
+        score_sigma=None,
     )
-    assert bundle.section("anomaly")["reweight_neighbors"] == 0
+    section = bundle.section("anomaly")
+    assert section["reweight_neighbors"] == 0
+    assert (section["layer_weights"], section["score_sigma"]) == ({}, None)
     detector = AnomalyDetector(load_bundle(tmp_path / "b"))
     assert detector.scoring.reweight_neighbors == 0
+    assert (detector.scoring.layer_weights, detector.scoring.score_sigma) == ({}, None)
     assert detector.detect(with_defect(texture(seed=7))).is_anomalous
 
 
@@ -595,3 +602,66 @@ def test_detector_refuses_other_bundle_kinds(tmp_path):
     bundle = write_manifest(tmp_path, kind="vlm", taxonomy=Taxonomy(labels=()), sections={})
     with pytest.raises(BundleError, match="memory-bank"):
         AnomalyDetector(bundle)
+
+
+def test_layer_weights_give_a_weighted_mean_of_the_layer_maps():
+    coarse, fine = np.full((3, 3), 3.0, np.float32), np.full((6, 6), 6.0, np.float32)
+    assert blend_maps([fine, coarse], (12, 12)) == pytest.approx(np.full((12, 12), 4.5))
+    weighted = blend_maps([fine, coarse], (12, 12), weights=[1.0, 2.0])
+    assert weighted == pytest.approx(np.full((12, 12), (6.0 + 2 * 3.0) / 3))
+    assert blend_maps([fine, coarse], (12, 12), weights=[0.0, 1.0]) == pytest.approx(3.0)
+    for bad in ([1.0], [-1.0, 2.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="layer weights"):
+            blend_maps([fine, coarse], (12, 12), weights=bad)
+    # Through the bank: weighting s16 moves the fused map towards the s16 map alone.
+    bank = bank_of([1, 2])
+    changed = grids(3)
+    plain = ScoringConfig(working_size=(48, 48), layer_weights={}, score_sigma=None, sigma=0)
+    nearest = bank.nearest_shot(changed, plain)
+    maps = [bank.layer_map(layer, changed[layer], nearest, plain) for layer in bank.layers]
+    s16_only = replace(plain, layer_weights={"s8": 0.0})
+    np.testing.assert_allclose(
+        bank.score(changed, s16_only).heatmap, resize_bilinear(maps[1], (48, 48)), rtol=1e-6
+    )
+    twice = replace(plain, layer_weights={"s16": 2.0})
+    expected = (resize_bilinear(maps[0], (48, 48)) + 2 * resize_bilinear(maps[1], (48, 48))) / 3
+    np.testing.assert_allclose(bank.score(changed, twice).heatmap, expected, rtol=1e-5)
+    assert ScoringConfig().weights(["s8", "s16"]) == [1.0, 2.0]  # the product default
+
+
+def test_score_sigma_smooths_the_score_map_and_leaves_the_heatmap():
+    bank = bank_of([1, 2])
+    changed = grids(3)
+    changed["s8"][2, 2] += 10.0
+    base = ScoringConfig(working_size=(48, 48), reweight_neighbors=0, score_sigma=None)
+    narrow = replace(base, score_sigma=0.0)
+    as_heatmap, from_raw = bank.score(changed, base), bank.score(changed, narrow)
+    np.testing.assert_array_equal(from_raw.heatmap, as_heatmap.heatmap)
+    assert as_heatmap.score == pytest.approx(float(as_heatmap.heatmap.max()))
+    raw = bank.score(changed, replace(base, sigma=0.0)).heatmap  # the unsmoothed fused map
+    assert from_raw.score == pytest.approx(float(raw.max()))
+    assert from_raw.score > as_heatmap.score  # smoothing lowers an isolated peak
+    assert replace(base, score_sigma=4.0).score_sigma == base.sigma
+    assert bank.score(changed, replace(base, score_sigma=4.0)).score == as_heatmap.score
+    # Leave-one-out (self_score) scores the same way.
+    one = bank_of([1])
+    assert one.self_score(0, narrow).score >= one.self_score(0, base).score
+    assert ScoringConfig().score_sigma == 2.0  # the product default
+
+
+def test_settings_read_layer_weights_and_score_sigma_strictly():
+    base = dict(MINIMAL_SETTINGS)
+    older = AnomalySettings.from_dict(base).scoring()  # bundles enrolled before the keys
+    assert (older.layer_weights, older.score_sigma, older.sigma) == ({}, None, 4.0)
+    settings = AnomalySettings.from_dict({**base, "layer_weights": {"s16": 2}, "score_sigma": 2})
+    assert settings.scoring().layer_weights == {"s16": 2.0}
+    assert settings.scoring().score_sigma == 2
+    assert AnomalySettings.from_dict(settings.to_dict()) == settings
+    for bad in ({"s4": 1.0}, {"s16": -1}, {"s16": "2"}, {"s16": True}, [2.0]):
+        with pytest.raises(BundleError, match="layer_weights"):
+            AnomalySettings.from_dict({**base, "layer_weights": bad})
+    with pytest.raises(BundleError, match="layer_weights"):
+        AnomalySettings.from_dict({**base, "layer_weights": {"s8": 0, "s16": 0}})
+    for bad in (-1, "2", True):
+        with pytest.raises(BundleError, match="score_sigma"):
+            AnomalySettings.from_dict({**base, "score_sigma": bad})

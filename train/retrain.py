@@ -264,6 +264,8 @@ def enroll_again(served_bundle, train: list[Record], out: Path):
         max_patches=anomaly.max_patches,
         prompt_weight=anomaly.prompt_weight,
         reweight_neighbors=anomaly.reweight_neighbors,
+        layer_weights=anomaly.layer_weights,
+        score_sigma=anomaly.score_sigma,
     )
 
 

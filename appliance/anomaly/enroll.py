@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,10 @@ from appliance.anomaly.calibrate import Thresholds, calibrate, held_out, leave_o
 from appliance.anomaly.features import DEFAULT_LAYERS, FeatureExtractor, PatchFeatures
 from appliance.anomaly.geometry import cell_offsets
 from appliance.anomaly.memory import (
+    LAYER_WEIGHTS,
     PROMPT_WEIGHT,
     REWEIGHT_NEIGHBORS,
+    SCORE_SIGMA,
     MemoryBank,
     ScoringConfig,
 )
@@ -107,14 +109,19 @@ def scoring_config(
     prompt_weight: float = PROMPT_WEIGHT,
     correct_offsets: bool = CORRECT_OFFSETS,
     reweight_neighbors: int = REWEIGHT_NEIGHBORS,
+    layer_weights: Mapping[str, float] = LAYER_WEIGHTS,
+    score_sigma: float | None = SCORE_SIGMA,
 ) -> ScoringConfig:
-    """The scoring a bundle of this backbone, layers and size is enrolled and served with."""
+    """The scoring a bundle of this backbone, layers and size is enrolled and served with
+    (``layer_weights`` of layers not enrolled are dropped)."""
     offsets = cell_offsets(backbone_onnx, layers, size) if correct_offsets else {}
     return ScoringConfig(
         working_size=size,
         prompt_weight=prompt_weight,
         cell_offsets=offsets,
         reweight_neighbors=reweight_neighbors,
+        layer_weights={k: float(w) for k, w in layer_weights.items() if k in layers},
+        score_sigma=score_sigma,
     )
 
 
@@ -136,6 +143,8 @@ def bundle_settings(
         shots=bank.names,
         cell_offsets=dict(config.cell_offsets),
         reweight_neighbors=config.reweight_neighbors,
+        layer_weights=dict(config.layer_weights),
+        score_sigma=config.score_sigma,
     )
 
 
@@ -165,6 +174,8 @@ def enroll(
     prompt_weight: float = PROMPT_WEIGHT,
     correct_offsets: bool = CORRECT_OFFSETS,
     reweight_neighbors: int = REWEIGHT_NEIGHBORS,
+    layer_weights: Mapping[str, float] = LAYER_WEIGHTS,
+    score_sigma: float | None = SCORE_SIGMA,
     providers: Sequence[str] | None = None,
     keep_normals: bool = True,
 ) -> Bundle:
@@ -192,6 +203,8 @@ def enroll(
         prompt_weight,
         correct_offsets,
         reweight_neighbors,
+        layer_weights,
+        score_sigma,
     )
     bank, thresholds = build_and_calibrate(features, names, config, max_patches)
     bank.save(out_dir / MEMORY_FILE)

@@ -35,6 +35,10 @@ class AnomalySettings:
     cell_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)
     # PatchCore image-score re-weighting neighbours; bundles enrolled before it had none (0: off)
     reweight_neighbors: int = 0
+    # layer -> fusion weight of its map; bundles enrolled before it had none (all 1)
+    layer_weights: dict[str, float] = field(default_factory=dict)
+    # smoothing (px) of the map the image score comes from; before it: none (the heatmap's sigma)
+    score_sigma: float | None = None
 
     def scoring(self) -> ScoringConfig:
         return ScoringConfig(
@@ -44,6 +48,8 @@ class AnomalySettings:
             sigma=self.sigma,
             cell_offsets=self.cell_offsets,
             reweight_neighbors=self.reweight_neighbors,
+            layer_weights=dict(self.layer_weights),
+            score_sigma=self.score_sigma,
         )
 
     def to_dict(self) -> dict:
@@ -75,6 +81,7 @@ class AnomalySettings:
         values["layers"] = tuple(str(v) for v in values["layers"])
         values["shots"] = tuple(str(v) for v in values.get("shots", ()))
         values["cell_offsets"] = _offsets(values.get("cell_offsets", {}), values["layers"])
+        values["layer_weights"] = _weights(values.get("layer_weights", {}), values["layers"])
         settings = cls(**values)
         _check_ranges(settings)
         return settings
@@ -105,6 +112,20 @@ def _offsets(value, layers: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     return offsets
 
 
+def _weights(value, layers: tuple[str, ...]) -> dict[str, float]:
+    allowed = f"expected {{layer: weight}}, weights >= 0 and not all 0, for layers {layers}"
+    if not isinstance(value, dict) or not set(value) <= set(layers):
+        raise BundleError(f"anomaly.layer_weights: {value!r}; {allowed}")
+    weights = {}
+    for layer, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+            raise BundleError(f"anomaly.layer_weights.{layer}: {weight!r}; {allowed}")
+        weights[layer] = float(weight)
+    if weights and not any(weights.get(layer, 1.0) > 0 for layer in layers):
+        raise BundleError(f"anomaly.layer_weights: {value!r}; {allowed}")
+    return weights
+
+
 def _check_ranges(settings: AnomalySettings) -> None:
     if not settings.layers:
         raise BundleError("anomaly.layers: empty; expected backbone outputs such as ['s8', 's16']")
@@ -114,6 +135,13 @@ def _check_ranges(settings: AnomalySettings) -> None:
     if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
         raise BundleError(
             f"anomaly.reweight_neighbors: {neighbors!r}; expected an integer >= 0 (0: off)"
+        )
+    sigma = settings.score_sigma
+    if sigma is not None and (
+        isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0
+    ):
+        raise BundleError(
+            f"anomaly.score_sigma: {sigma!r}; expected a number >= 0 (pixels), or absent"
         )
     for name in ("image_threshold", "pixel_threshold"):
         if not getattr(settings, name) >= 0:
