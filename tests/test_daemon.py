@@ -62,6 +62,8 @@ def status_json(config) -> dict:
     return json.loads(run.stdout)
 
 
+# Waits stay well inside this limit, so that a slow run fails with the daemon's log printed.
+@pytest.mark.timeout(600)
 def test_folder_and_mqtt_images_become_reports_on_disk_and_mqtt(
     tmp_path, broker, bundle_dir, subscriber_factory, daemons
 ):
