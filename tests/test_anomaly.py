@@ -386,10 +386,15 @@ def test_peak_cell_maps_the_heatmap_maximum_to_each_grid():
     assert peak_cell(heatmap, (2, 2)) == (1, 0)
 
 
-def test_reweighted_score_is_the_maximum_times_the_mean_layer_weight():
-    bank = bank_of([1, 2])
+def spotted_against_bank():
+    """A bank of two shots and a third image with one strong s8 outlier at cell (2, 2)."""
     changed = grids(3)
     changed["s8"][2, 2] += 10.0
+    return bank_of([1, 2]), changed
+
+
+def test_reweighted_score_is_the_maximum_times_the_mean_layer_weight():
+    bank, changed = spotted_against_bank()
     plain = ScoringConfig(working_size=(48, 48), reweight_neighbors=0, score_sigma=None)
     weighted = replace(plain, reweight_neighbors=9)
     assert ScoringConfig().reweight_neighbors == 9  # the product default
@@ -630,9 +635,7 @@ def test_layer_weights_give_a_weighted_mean_of_the_layer_maps():
 
 
 def test_score_sigma_smooths_the_score_map_and_leaves_the_heatmap():
-    bank = bank_of([1, 2])
-    changed = grids(3)
-    changed["s8"][2, 2] += 10.0
+    bank, changed = spotted_against_bank()
     base = ScoringConfig(working_size=(48, 48), reweight_neighbors=0, score_sigma=None)
     narrow = replace(base, score_sigma=0.0)
     as_heatmap, from_raw = bank.score(changed, base), bank.score(changed, narrow)
