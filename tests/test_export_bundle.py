@@ -143,9 +143,9 @@ def test_manifest_records_parity_preprocessing_and_prompt(bundle_f32) -> None:
     assert kinds == ["tokens", "image", "tokens"]
 
 
-def test_runtime_equals_transformers_token_for_token(bundle_f32, torch_model, images) -> None:
-    bundle = load_bundle(bundle_f32)
-    inspector = open_vlm(bundle)
+def assert_runtime_equals_transformers(bundle_dir, torch_model, images, **options) -> None:
+    bundle = load_bundle(bundle_dir)
+    inspector = open_vlm(bundle, **options)
     try:
         rgbs = [decode_image(p.read_bytes()).rgb for p in images]
         embeddings, _, _ = inspector.embed(rgbs)
@@ -156,6 +156,24 @@ def test_runtime_equals_transformers_token_for_token(bundle_f32, torch_model, im
                 assert got.tokens == want, (path.name, constrained, got.text)
     finally:
         inspector.close()
+
+
+def test_runtime_equals_transformers_token_for_token(bundle_f32, torch_model, images) -> None:
+    assert_runtime_equals_transformers(bundle_f32, torch_model, images)
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_equals_transformers_token_for_token(bundle_f32, torch_model, images) -> None:
+    """The same identity with every layer offloaded to the GPU (a CUDA build of llama.cpp): the
+    image embeddings go in as embedding batches on the device. Vision stays on the CPU provider so
+    that only the language model's device changes."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip(
+            "llama-cpp-python here is a CPU build; CMAKE_ARGS='-DGGML_CUDA=on' builds the GPU one"
+        )
+    assert_runtime_equals_transformers(bundle_f32, torch_model, images, n_gpu_layers=-1)
 
 
 def test_inspect_command_reports_the_trained_answer(bundle_f32, torch_model, images) -> None:
