@@ -405,6 +405,10 @@ def tuning_table(results: dict, shots: tuple[int, ...]) -> list[str]:
     return lines
 
 
+def subset(step: int) -> str:
+    return "all" if step == 1 else f"every {step}th of the sorted file list"
+
+
 def format_report(results: dict, args, command: str) -> str:
     import anomalib
     import onnxruntime as ort
@@ -420,10 +424,9 @@ def format_report(results: dict, args, command: str) -> str:
         f"({args.threads} threads), timm {timm.__version__}, onnxruntime {ort.__version__}, "
         f"scikit-learn {sklearn.__version__}.",
         "",
-        f"Data: Magnetic tile, {results['normal']} normal (MT_Free, every "
-        f"{args.normal_step}th of the sorted file list) and {results['defective']} defective "
-        f"images ({'all' if args.defect_step == 1 else f'every {args.defect_step}th'}; MT_Blowhole/Break/Crack/Fray/Uneven, pixel masks "
-        "> 127), every image "
+        f"Data: Magnetic tile, {results['normal']} normal (MT_Free, {subset(args.normal_step)}) "
+        f"and {results['defective']} defective images ({subset(args.defect_step)}; "
+        "MT_Blowhole/Break/Crack/Fray/Uneven, pixel masks > 127), every image "
         f"resized whole (bilinear, squashing the aspect ratio) to {size}. For each k, {args.seeds} "
         "seeds draw k normal shots (`numpy.random.default_rng(seed).choice`); both methods use "
         "the same shots and are evaluated on every other normal image and every defective image. "
