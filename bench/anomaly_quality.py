@@ -227,10 +227,10 @@ def score_appliance(
     shots: np.ndarray,
     test: np.ndarray,
     config: ScoringConfig,
-    variant: Variant,
+    layers: tuple[str, ...],
     stride: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    grids = {layer: features.appliance[layer] for layer in variant.layers}
+    grids = {layer: features.appliance[layer] for layer in layers}
     names = [f"shot{i}" for i in shots]
     bank = MemoryBank.from_features(
         names, {k: g[shots] for k, g in grids.items()}, max_patches=MAX_PATCHES
@@ -344,7 +344,7 @@ def run(args) -> dict:
                     variant = VARIANTS[name]
                     config = variant.config(onnx_path, size)
                     s, h = score_appliance(
-                        features, shots, test, config, variant, args.pixel_stride
+                        features, shots, test, config, variant.layers, args.pixel_stride
                     )
                     row[name] = aurocs(y, s, m, h)
                 results["rows"][(k, seed)] = row

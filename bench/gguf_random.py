@@ -8,15 +8,19 @@ tensors are written directly in the types llama.cpp's quantizer gives each tenso
 small scales, random quants. The vocabulary is a placeholder SentencePiece-style list (byte tokens
 plus numbered pieces), enough for llama.cpp to load it; the benchmark feeds token ids.
 
-Only numpy and ``gguf`` are needed (no torch, no llama.cpp), so it runs on a GPU machine as is.
+Only numpy and ``gguf`` are needed (no torch, no llama.cpp), so it runs on a GPU machine as is;
+the hyperparameter keys are written by the export's own ``write_common``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+
+from export.gguf_arch import write_common
 
 # Bytes per block and weights per block of the types used here (ggml's block layouts).
 Q = {
@@ -159,6 +163,20 @@ def random_blocks(type_name: str, dims: tuple[int, ...], rng: np.random.Generato
     return data.reshape(rows, blocks * size)
 
 
+def hf_config(shape: Shape) -> SimpleNamespace:
+    """The Hugging Face config fields ``export.gguf_arch.write_common`` reads, for ``shape``."""
+    return SimpleNamespace(
+        max_position_embeddings=32768,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        rms_norm_eps=1e-6,
+        vocab_size=shape.vocab,
+    )
+
+
 def _write_vocab(writer, vocab: int) -> None:
     import gguf
 
@@ -186,15 +204,8 @@ def write_random_gguf(path: Path, shape: Shape, file_type: str, *, seed: int = 0
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "qwen2")
     writer.add_name(f"random qwen2 {shape.hidden}x{shape.layers} {file_type}")
-    writer.add_context_length(32768)
-    writer.add_embedding_length(shape.hidden)
-    writer.add_block_count(shape.layers)
-    writer.add_feed_forward_length(shape.intermediate)
-    writer.add_head_count(shape.heads)
-    writer.add_head_count_kv(shape.kv_heads)
-    writer.add_layer_norm_rms_eps(1e-6)
+    write_common(writer, hf_config(shape), "qwen2")  # the keys `appliance export` writes
     writer.add_rope_freq_base(1_000_000.0)
-    writer.add_vocab_size(shape.vocab)
     _write_vocab(writer, shape.vocab)
     types = tensor_types(shape, file_type)
     pool: dict[tuple, np.ndarray] = {}

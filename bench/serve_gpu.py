@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 from bench.gguf_random import (  # noqa: E402
     FILE_TYPES,
     SHAPES,
@@ -122,8 +124,6 @@ def decode(path: Path, prompt: int, tokens: int, vision_onnx: Path | None = None
     llm.eval(ids)
     result["prefill_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    import numpy as np
-
     for _ in range(tokens):
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([token])
@@ -137,8 +137,6 @@ def decode(path: Path, prompt: int, tokens: int, vision_onnx: Path | None = None
 def vision_session_run(onnx: Path) -> dict:
     """The product's provider chain (TensorRT → CUDA → CPU) on the vision graph, one batch."""
     import logging
-
-    import numpy as np
 
     from appliance.backends.onnxrt import create_session, resolve_providers
 
@@ -227,7 +225,6 @@ def timed(run, repeats: int) -> float:
 def measure_vision(args) -> None:
     """ms/image of the vision graph: ORT CUDA EP, ORT CPU EP, torch (timm) fp32 and fp16 on the
     GPU; then one process holding the product's vision session and the LM (peak memory)."""
-    import numpy as np
     import onnxruntime as ort
 
     results: dict = {**gpu_info(), "onnxruntime": ort.__version__, "rows": []}

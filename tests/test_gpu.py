@@ -1,4 +1,4 @@
-"""The GPU paths of the vision runtime, on machines that have them; skipped elsewhere with the reason.
+"""The GPU paths of the vision runtime where a machine has them; skipped elsewhere with the reason.
 
 CI has no GPU, so these skip there. They run on a GPU machine with onnxruntime-gpu and its CUDA
 libraries, and, for the TensorRT tests, TensorRT 10 with cuda-python. The llama.cpp offload test

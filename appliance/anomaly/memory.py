@@ -7,9 +7,9 @@ far from every one of them. This bank improves on that with two ideas (seed 002,
   are divided by the layer's spread (root mean squared distance of its normal patches to their mean,
   so that depths with larger activations do not dominate), upsampled to the working size and
   averaged with per-layer weights (``ScoringConfig.layer_weights``; by default the stride-16 map
-  counts twice, ``LAYER_WEIGHTS``). The upsampling puts each cell where the backbone really centres it
-  (``ScoringConfig.cell_offsets`` from ``geometry``: TF "SAME" padding sits stride-8 cells 3.5 px
-  and stride-16 cells 7.5 px down-right of the ``align_corners=False`` assumption).
+  counts twice, ``LAYER_WEIGHTS``). The upsampling puts each cell where the backbone really
+  centres it (``ScoringConfig.cell_offsets`` from ``geometry``: TF "SAME" padding sits stride-8
+  cells 3.5 px and stride-16 cells 7.5 px down-right of the ``align_corners=False`` assumption).
 * **Self-prompt.** The normal shot that best matches the test image (lowest mean position-aware
   distance on the coarsest layer) is a prompt of what the image should look like. Each layer's map
   is ``(1 - w) * global + w * local``: the global nearest-neighbour distance, and the distance to
@@ -56,7 +56,8 @@ REWEIGHT_NEIGHBORS = 9
 # the fused map smoothed with sigma 2 px instead of the heatmap's 4. Chosen on a split of Magnetic
 # tile disjoint in normal images from the reporting set (bench/anomaly_quality.py); on the
 # reporting set (5 seeds) it raised mean image AUROC by +0.007 to +0.013 at every k, pixel AUROC
-# moved -0.003 to +0.003, and it leads PatchCore on both at every k (docs/benchmarks.md). Bundles enrolled before these keys score as before (weights 1, sigma 4).
+# moved -0.003 to +0.003, and it leads PatchCore on both at every k (docs/benchmarks.md).
+# Bundles enrolled before these keys score as before (weights 1, sigma 4).
 LAYER_WEIGHTS = {"s16": 2.0}
 SCORE_SIGMA = 2.0
 
@@ -153,17 +154,6 @@ def blend_maps(
         return np.mean(upsampled, axis=0).astype(np.float32, copy=False)
     fused = np.tensordot(weights / weights.sum(), np.stack(upsampled), axes=1)
     return fused.astype(np.float32)
-
-
-def fuse_maps(
-    maps: Sequence[np.ndarray],
-    size: tuple[int, int],
-    sigma: float,
-    offsets: Sequence[tuple[float, float]] | None = None,
-    weights: Sequence[float] | None = None,
-) -> np.ndarray:
-    """``blend_maps``, then Gaussian-smooth."""
-    return gaussian_smooth(blend_maps(maps, size, offsets, weights), sigma)
 
 
 def heatmap_and_score_map(
@@ -282,15 +272,15 @@ class MemoryBank:
         return Scored(heatmap, score, nearest)
 
     def _peak_weight(
-        self, heatmap: np.ndarray, grids: dict[str, np.ndarray], config: ScoringConfig, own=False
+        self, score_map: np.ndarray, grids: dict[str, np.ndarray], config: ScoringConfig, own=False
     ) -> float:
         """Mean over layers of PatchCore's weight (``patchcore_weight``) of the patch under the
-        maximum of ``heatmap`` (the score map), against the layer's bank (``own``: the image's own patches outside the
-        self-prompt window, as ``self_score`` does)."""
+        maximum of ``score_map``, against the layer's bank (``own``: the image's own patches
+        outside the self-prompt window, as ``self_score`` does)."""
         weights = []
         for layer in self.layers:
             grid = grids[layer]
-            y, x = peak_cell(heatmap, grid.shape[:2])
+            y, x = peak_cell(score_map, grid.shape[:2])
             if own:
                 radius = max(0, min(config.radius(grid.shape[0]), (max(grid.shape[:2]) - 2) // 2))
                 ys, xs = np.divmod(np.arange(grid.shape[0] * grid.shape[1]), grid.shape[1])
