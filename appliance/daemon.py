@@ -33,6 +33,25 @@ log = logging.getLogger(__name__)
 CONTROL_POLL_S = 1.0  # how often the registry (promotions, pause requests) is looked at
 
 
+def stop_on_signal(*events: threading.Event):
+    """A signal handler that sets `events` without ever blocking the thread it interrupts.
+
+    Python runs handlers in the main thread between two bytecodes, possibly while that thread holds
+    an Event's internal lock (inside `Event.wait`); `Event.set` takes the same non-reentrant lock,
+    so setting it from the handler can deadlock the daemon on SIGTERM. The handler hands the work
+    to a short-lived thread, which waits for the lock like any other thread.
+    """
+
+    def set_all() -> None:
+        for event in events:
+            event.set()
+
+    def handler(signum: int, frame: object) -> None:
+        threading.Thread(target=set_all, name=f"signal-{signum}", daemon=True).start()
+
+    return handler
+
+
 def state_paths(config: Config) -> dict[str, Path]:
     root = Path(config.state.dir)
     return {
@@ -210,7 +229,7 @@ class Daemon:
         # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): for hangs.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: (self.stop_event.set(), self.wake.set()))
+            signal.signal(sig, stop_on_signal(self.stop_event, self.wake))
         self.start()
         ping_every = watchdog_interval_s()
         last_ping = last_control = 0.0

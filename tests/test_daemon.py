@@ -220,3 +220,27 @@ def test_bad_input_gets_error_reports_quarantine_and_the_daemon_goes_on(
     assert not any((incoming / name).exists() for name in files)  # moved, not copied
     assert daemon.alive()
     assert wait_for(lambda: len(sub.reports) >= expected, 60)
+
+
+def test_signal_handler_does_not_deadlock_when_it_interrupts_an_event_wait():
+    """CI once hung on SIGTERM: the handler ran while the main thread held `wake`'s lock inside
+    `Event.wait`, and its `Event.set` waited on that same lock forever. Reproduce that moment in
+    a thread: hold the lock, run the handler in the same thread; it must return, and the events
+    must be set once the lock is released."""
+    import signal
+    import threading
+
+    from appliance.daemon import stop_on_signal
+
+    stop, wake = threading.Event(), threading.Event()
+    handler = stop_on_signal(stop, wake)
+
+    def interrupted_wait() -> None:
+        with wake._cond:  # what Event.wait holds when the signal lands
+            handler(signal.SIGTERM, None)
+
+    thread = threading.Thread(target=interrupted_wait, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive(), "the signal handler blocked on the lock its own thread holds"
+    assert stop.wait(5) and wake.wait(5)
