@@ -18,18 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import gguf
 import numpy as np
 
 from export.gguf_arch import write_common
 
-# Bytes per block and weights per block of the types used here (ggml's block layouts).
-Q = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "Q8_0": (32, 34),  # d f16, 32 x int8
-    "Q4_K": (256, 144),  # d f16, dmin f16, 12 packed 6-bit scales/mins, 128 bytes of 4-bit quants
-    "Q6_K": (256, 210),  # 128 low bits, 64 high bits, 16 int8 scales, d f16
-}
 FILE_TYPES = ("Q4_K_M", "Q8_0", "F16")
 
 
@@ -118,8 +111,13 @@ def tensor_types(shape: Shape, file_type: str) -> dict[str, str]:
     return types
 
 
+def quant_size(type_name: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a ggml type, from gguf's own table."""
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+
+
 def tensor_bytes(dims: tuple[int, ...], type_name: str) -> int:
-    block, size = Q[type_name]
+    block, size = quant_size(type_name)
     if dims[0] % block:
         raise ValueError(f"rows of {dims[0]} are not a multiple of {type_name}'s block of {block}")
     return int(np.prod(dims)) // block * size
@@ -145,12 +143,16 @@ def bytes_per_token(shape: Shape, file_type: str) -> int:
 
 
 def random_blocks(type_name: str, dims: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Valid random data of a tensor: (rows, bytes per row) uint8 for block types."""
+    """Valid random data of a tensor: (rows, bytes per row) uint8 for block types.
+
+    Block layouts (ggml): Q8_0 = d f16 + 32 int8; Q4_K = d f16, dmin f16, 12 bytes of packed
+    6-bit scales/mins, 128 bytes of 4-bit quants; Q6_K = 128 low bits, 64 high bits, 16 int8
+    scales, d f16 last."""
     if type_name == "F32":
         return np.ones(dims[::-1], dtype=np.float32)
     if type_name == "F16":
         return (rng.standard_normal(dims[::-1], dtype=np.float32) * 0.02).astype(np.float16)
-    block, size = Q[type_name]
+    block, size = quant_size(type_name)
     rows, blocks = int(np.prod(dims[1:])), dims[0] // block
     data = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(2e-4).tobytes(), dtype=np.uint8)
@@ -178,8 +180,6 @@ def hf_config(shape: Shape) -> SimpleNamespace:
 
 
 def _write_vocab(writer, vocab: int) -> None:
-    import gguf
-
     pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
     pieces += [f"▁t{i}" for i in range(vocab - len(pieces))]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
@@ -199,8 +199,6 @@ def write_random_gguf(path: Path, shape: Shape, file_type: str, *, seed: int = 0
     Tensors of the same shape and type share one random block array (the values do not matter
     for speed), so memory stays at the largest distinct tensor while the file has full size.
     """
-    import gguf
-
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), "qwen2")
     writer.add_name(f"random qwen2 {shape.hidden}x{shape.layers} {file_type}")

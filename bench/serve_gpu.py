@@ -49,35 +49,31 @@ RTX_4090_GBPS = 1008.0  # datasheet memory bandwidth, for the projection
 N_CTX = 4096
 
 
-def gpu_used_mib() -> float | None:
-    """The first GPU's used memory (None where there is no nvidia-smi: a CPU smoke run)."""
+def query_gpu(fields: str) -> list[str] | None:
+    """The first GPU's values of nvidia-smi's ``--query-gpu`` fields (None: no nvidia-smi)."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return float(out.splitlines()[0])
+    return [part.strip() for part in out.splitlines()[0].split(",")]
+
+
+def gpu_used_mib() -> float | None:
+    """The first GPU's used memory (None where there is no nvidia-smi: a CPU smoke run)."""
+    values = query_gpu("memory.used")
+    return None if values is None else float(values[0])
 
 
 def gpu_info() -> dict:
-    try:
-        out = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=name,driver_version,memory.total",
-                "--format=csv,noheader,nounits",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()[0]
-    except (OSError, subprocess.CalledProcessError):
+    values = query_gpu("name,driver_version,memory.total")
+    if values is None:
         return {"gpu": "none", "driver": "none", "memory_total_mib": 0.0}
-    name, driver, total = (part.strip() for part in out.split(","))
+    name, driver, total = values
     return {"gpu": name, "driver": driver, "memory_total_mib": float(total)}
 
 

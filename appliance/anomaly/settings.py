@@ -112,13 +112,18 @@ def _offsets(value, layers: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     return offsets
 
 
+def _nonnegative_number(value) -> bool:
+    """An int or float >= 0 (not a bool, not NaN)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and value >= 0
+
+
 def _weights(value, layers: tuple[str, ...]) -> dict[str, float]:
     allowed = f"expected {{layer: weight}}, weights >= 0 and not all 0, for layers {layers}"
     if not isinstance(value, dict) or not set(value) <= set(layers):
         raise BundleError(f"anomaly.layer_weights: {value!r}; {allowed}")
     weights = {}
     for layer, weight in value.items():
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+        if not _nonnegative_number(weight):
             raise BundleError(f"anomaly.layer_weights.{layer}: {weight!r}; {allowed}")
         weights[layer] = float(weight)
     if weights and not any(weights.get(layer, 1.0) > 0 for layer in layers):
@@ -137,9 +142,7 @@ def _check_ranges(settings: AnomalySettings) -> None:
             f"anomaly.reweight_neighbors: {neighbors!r}; expected an integer >= 0 (0: off)"
         )
     sigma = settings.score_sigma
-    if sigma is not None and (
-        isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0
-    ):
+    if sigma is not None and not _nonnegative_number(sigma):
         raise BundleError(
             f"anomaly.score_sigma: {sigma!r}; expected a number >= 0 (pixels), or absent"
         )
